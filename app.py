@@ -1,0 +1,38 @@
+"""SoftPatch app: vet a noisy training folder, tune the denoising, review, explore, detect and deploy.
+
+Run with ``streamlit run app.py``. The pages live in ``pages/``; this file sets up navigation, the
+per-session state and the sidebar (device, backbone and weights, dataset) shown on every page.
+"""
+
+import logging
+
+import streamlit as st
+
+from softpatch_app.guard import user_errors
+from softpatch_app.state import get_session
+from softpatch_app.ui import PAGES, show_notices, sidebar
+
+st.set_page_config(page_title="SoftPatch – vet your training images", page_icon=":material/healing:", layout="wide")
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("softpatch_app").setLevel(logging.INFO)
+
+pages = [
+    st.Page(PAGES["data"], title="Data", icon=":material/folder_open:", default=True),
+    st.Page(PAGES["denoise"], title="Denoise", icon=":material/tune:"),
+    st.Page(PAGES["review"], title="Review", icon=":material/fact_check:"),
+    st.Page(PAGES["coreset"], title="Coreset", icon=":material/scatter_plot:"),
+    st.Page(PAGES["detect"], title="Detect", icon=":material/troubleshoot:"),
+    st.Page(PAGES["deploy"], title="Deploy", icon=":material/rocket_launch:"),
+]
+page = st.navigation(pages)
+
+session = None
+with user_errors("start this session"):
+    session = get_session()
+
+if session is not None:
+    with user_errors("draw the sidebar", container=st.sidebar):
+        sidebar(session)
+    show_notices(session)
+    with user_errors():
+        page.run()

@@ -1,0 +1,312 @@
+"""Data: load a training folder (and optionally a test folder with masks) four ways; show what was loaded."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from softpatch.data import ImageFolder, ImageRecord, SkippedFile, scan_images
+from softpatch.errors import DataError
+from softpatch.images import load_image
+from softpatch_app import loading
+from softpatch_app.cache import image_sizes, thumbnail_png
+from softpatch_app.guard import user_errors
+from softpatch_app.state import SessionData, environment, get_session
+from softpatch_app.ui import PAGES
+
+METHODS = {
+    "demo": "Built-in demo data",
+    "browser folder": "A folder from this computer",
+    "zip": "A .zip file",
+    "server folder": "A folder on the server",
+}
+METHOD_HELP = (
+    "Demo: synthetic machined discs, 30 good + 4 defective hidden in the training folder. "
+    "Folder: pick a whole folder in your browser (all subfolders are included). "
+    ".zip: one archive of the folder. Server folder: type a path on the machine running this app "
+    "(best for large sets: nothing is uploaded)."
+)
+
+session: SessionData = get_session()
+env = environment()
+
+st.title("Data")
+st.markdown(
+    "Load the **training folder** you want to vet: the images that are supposed to be all good. "
+    "SoftPatch will look for the ones that are not. A **test folder** with defect labels and masks is optional: "
+    "with it, the Detect and Deploy pages can measure how well defects are found."
+)
+
+
+def _upload_slot(kind: str) -> str:
+    return session.slot(kind)
+
+
+def _remove_old(path: Path | None) -> None:
+    """Delete an earlier upload folder of this session (only inside its own workspace)."""
+    if path is None:
+        return
+    ws = session.workspace.path.resolve()
+    path = path.resolve()
+    if ws in path.parents and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read(kind: str, method: str, slot_key: str):
+    """Run one load; returns (LoadResult or LoadedSplit, upload folder or None). Raises with a clear message."""
+    limits = env.limits
+    if method == "demo":
+        result = loading.load_demo(session.workspace, limits=limits)
+        if kind == "test":
+            if result.test is None:
+                raise DataError("the demo test set is missing")
+            return result.test, None
+        return result, None
+    if method == "server folder":
+        root = loading.check_server_path(st.session_state.get(f"{slot_key}_path", ""), env.server_roots)
+        label = f"{root} (server folder)"
+        if kind == "test":
+            return loading.read_test_folder(root, limits=limits, source=method, label=label), None
+        return loading.read_training_folder(root, limits=limits, source=method, label=label), None
+    slot = _upload_slot(kind)
+    if method == "browser folder":
+        files = st.session_state.get(f"{slot_key}_dir") or []
+        root, upload_skipped = loading.save_browser_files(files, session.workspace, slot, limits)
+        label = f"{root.name} (uploaded folder, {len(files)} files)"
+    else:
+        uploaded = st.session_state.get(f"{slot_key}_zip")
+        root, upload_skipped = loading.save_zip(uploaded, session.workspace, slot, limits)
+        label = f"{uploaded.name} (uploaded zip)"
+    upload_dir = session.workspace.path / slot
+    try:
+        if kind == "test":
+            split = loading.read_test_folder(root, limits=limits, source=method, label=label)
+            return loading.with_upload_skips(split, upload_skipped), upload_dir
+        result = loading.read_training_folder(root, limits=limits, source=method, label=label)
+        loading.with_upload_skips(result.train, upload_skipped)
+        return result, upload_dir
+    except Exception:
+        _remove_old(upload_dir)  # a failed load leaves nothing behind
+        raise
+
+
+def loader(kind: str) -> None:
+    """The four ways to load, for the training (kind="train") or the test set (kind="test")."""
+    slot_key = f"load_{kind}"
+    what = "training folder" if kind == "train" else "test folder"
+    method = st.radio(
+        f"How do you want to load the {what}?",
+        list(METHODS),
+        format_func=METHODS.get,
+        horizontal=True,
+        key=f"{slot_key}_method",
+        help=METHOD_HELP,
+    )
+    ready = True
+    if method == "demo":
+        st.caption("Synthetic parts generated on this machine (nothing is downloaded).")
+    elif method == "browser folder":
+        files = st.file_uploader(
+            f"Choose the {what} on your computer",
+            accept_multiple_files="directory",
+            key=f"{slot_key}_dir",
+            help="Your browser asks for a folder and uploads every file in it, subfolders included. "
+            "Files that are not images are listed below as skipped, with the reason.",
+        )
+        ready = bool(files)
+    elif method == "zip":
+        up = st.file_uploader(
+            f"Choose a .zip of the {what}",
+            type=["zip"],
+            key=f"{slot_key}_zip",
+            help="The archive is unpacked safely on the server (unsafe or oversized entries are refused).",
+        )
+        ready = up is not None
+    else:
+        st.text_input(
+            "Folder path on the server",
+            key=f"{slot_key}_path",
+            placeholder="/data/line3/train/good   or   ../shared/data/battery_weld",
+            help="A folder on the machine running this app. An MVTec-style folder (with train/good, test/ and "
+            "ground_truth/) loads its training and test images together.",
+        )
+        ready = bool(st.session_state.get(f"{slot_key}_path", "").strip())
+    label = "Load the demo data" if method == "demo" else f"Load this {what}"
+    if st.button(label, key=f"{slot_key}_go", type="primary", disabled=not ready, icon=":material/download:"):
+        with user_errors(f"load the {what}"):
+            with st.spinner(f"Reading and checking every image of the {what}…"):
+                loaded, upload_dir = _read(kind, method, slot_key)
+            previous = st.session_state.get(f"_{kind}_upload_dir")
+            if kind == "train":
+                session.set_training(loaded)
+                n, skipped = len(loaded.train), len(loaded.train.skipped)
+                msg = f"Loaded {n} training images" + (f" ({skipped} files skipped, see below)" if skipped else "")
+                if loaded.test is not None:
+                    msg += f" and {len(loaded.test)} test images"
+            else:
+                session.set_test(loaded)
+                msg = f"Loaded {len(loaded)} test images" + (
+                    f" ({loaded.n_defective} defective, {loaded.n_masks} with masks)" if loaded.labelled else ""
+                )
+            _remove_old(Path(previous) if previous else None)
+            st.session_state[f"_{kind}_upload_dir"] = str(upload_dir) if upload_dir else None
+            session.notify("success", msg + ".")
+            st.rerun()
+
+
+def add_images() -> None:
+    st.markdown(
+        "Add a few more images to the training set, for example images you suspect are defective, "
+        "to check that SoftPatch ranks them at the top. They are listed as `added/<name>`."
+    )
+    files = st.file_uploader(
+        "Images to add",
+        accept_multiple_files=True,
+        key="add_files",
+        help="Any number of image files; they join the current training set (the model must be fitted again).",
+    )
+    st.text_area(
+        "…or paths on the server (one image file or folder per line)",
+        key="add_paths",
+        height=80,
+        help="Files or folders on the machine running this app.",
+    )
+    paths_text = st.session_state.get("add_paths", "")
+    ready = bool(files) or bool(paths_text.strip())
+    if st.button("Add to the training set", disabled=not ready or session.train is None, icon=":material/add:"):
+        with user_errors("add the images"):
+            extra = _read_extra(files, paths_text)
+            if not len(extra):
+                raise DataError("none of the given files is a readable image")
+            new_train = loading.add_training_images(session.train, extra)
+            result = loading.LoadResult(name=session.dataset_name, train=new_train, demo=session.demo)
+            test = session.test
+            session.set_training(result)
+            session.test = test  # the test set stays as it was
+            session.notify("success", f"Added {len(extra)} images to the training set ({len(new_train)} in all).")
+            st.rerun()
+
+
+def _read_extra(files, paths_text: str) -> ImageFolder:
+    records: list[ImageRecord] = []
+    skipped: list[SkippedFile] = []
+    if files:
+        root, up_skipped = loading.save_browser_files(files, session.workspace, _upload_slot("added"), env.limits)
+        skipped.extend(up_skipped)
+        try:
+            folder = scan_images(root, limits=env.limits)
+            records.extend(folder.records)
+            skipped.extend(folder.skipped)
+        except DataError as exc:
+            skipped.append(SkippedFile("uploaded files", str(exc)))
+    for line in paths_text.splitlines():
+        if not line.strip():
+            continue
+        path = Path(line.strip()).expanduser()
+        if path.is_dir():
+            root = loading.check_server_path(str(path), env.server_roots)
+            folder = scan_images(root, limits=env.limits)
+            records.extend(ImageRecord(r.path, relpath=f"{root.name}/{r.relpath}") for r in folder.records)
+            skipped.extend(folder.skipped)
+        else:
+            try:
+                if env.server_roots:
+                    loading.check_server_path(str(path.parent), env.server_roots)
+                load_image(path, env.limits)
+                records.append(ImageRecord(path.resolve(), relpath=path.name))
+            except Exception as exc:
+                skipped.append(SkippedFile(str(path), str(exc)))
+    return ImageFolder(Path("."), records, skipped)
+
+
+def show_split(split: loading.LoadedSplit, kind: str) -> None:
+    records = split.records
+    cols = st.columns(4)
+    cols[0].metric(f"{kind.capitalize()} images", len(records))
+    cols[1].metric("Skipped files", len(split.skipped), help="Files that were not used; the reasons are listed below.")
+    sizes = image_sizes([r.path for r in records])
+    counts = Counter(sizes)
+    cols[2].metric("Image sizes", len(counts), help="How many different width x height sizes the images have.")
+    if kind == "test":
+        if split.labelled:
+            cols[3].metric("Defective / with mask", f"{split.n_defective} / {split.n_masks}")
+        else:
+            cols[3].metric("Labels", "none", help="Put good and defective images in subfolders to get labels.")
+    else:
+        cols[3].metric("Source", split.source)
+    st.caption(f"From: {split.description}")
+
+    n_show = st.select_slider(
+        "Thumbnails to show",
+        options=[0, 12, 24, 48, 96, len(records)] if len(records) > 96 else [0, 12, 24, 48, 96],
+        value=min(24 if kind == "train" else 12, 96),
+        key=f"{kind}_thumbs",
+        help="How many images to preview (the first ones, in folder order).",
+    )
+    shown = records[: int(n_show)]
+    if shown:
+        per_row = 8
+        for start in range(0, len(shown), per_row):
+            row = st.columns(per_row)
+            for col, rec in zip(row, shown[start : start + per_row], strict=False):
+                with col:
+                    try:
+                        st.image(thumbnail_png(rec.path, 160, env.limits), caption=rec.name, width="stretch")
+                    except Exception:
+                        st.caption(f"{rec.name}: cannot show")
+    with st.expander(f"Image sizes ({len(counts)} different)"):
+        table = pd.DataFrame(
+            [{"width": w, "height": h, "images": n} for (w, h), n in counts.most_common()],
+        )
+        st.dataframe(table, hide_index=True, width="content")
+    with st.expander(f"Skipped files ({len(split.skipped)})", expanded=0 < len(split.skipped) <= 20):
+        if split.skipped:
+            st.dataframe(
+                pd.DataFrame([{"file": s.path, "reason": s.reason} for s in split.skipped]),
+                hide_index=True,
+                width="stretch",
+            )
+        else:
+            st.caption("Every file was used.")
+
+
+with st.container(border=True):
+    if session.train is not None:
+        st.markdown(
+            f"**In use:** {session.dataset_name} · {len(session.train)} training images"
+            + (f" · {len(session.test)} test images" if session.test is not None else " · no test set")
+        )
+        if session.demo is not None:
+            st.info(
+                f"This is the built-in demo: its training folder hides **{len(session.demo.contaminants)} defective "
+                "parts** among the good ones. Fit on the **Denoise** page and see whether SoftPatch puts them at "
+                "the top of its ranking.",
+                icon=":material/lightbulb:",
+            )
+            st.page_link(PAGES["denoise"], label="Next: Denoise", icon=":material/arrow_forward:")
+    else:
+        st.markdown("**In use:** nothing loaded yet.")
+
+tab_train, tab_add, tab_test = st.tabs(["Training folder", "Add training images", "Test folder (optional)"])
+with tab_train:
+    loader("train")
+with tab_add:
+    add_images()
+with tab_test:
+    loader("test")
+    if session.test is not None and st.button("Remove the test set", icon=":material/delete:"):
+        session.set_test(None)
+        st.rerun()
+
+if session.train is not None:
+    st.subheader("Training set")
+    with user_errors("show the training set"):
+        show_split(session.train, "train")
+if session.test is not None:
+    st.subheader("Test set")
+    with user_errors("show the test set"):
+        show_split(session.test, "test")

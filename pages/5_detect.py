@@ -1,0 +1,237 @@
+"""Detect: score test images, heatmaps with an opacity slider, SoftPatch vs PatchCore side by side, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from softpatch.data import scan_images
+from softpatch_app import loading, plots, services
+from softpatch_app.cache import load_rgb, mask_for
+from softpatch_app.guard import user_errors
+from softpatch_app.imaging import overlay_mask, thumbnail
+from softpatch_app.progress import StageProgress
+from softpatch_app.state import SessionData, environment, get_session
+from softpatch_app.ui import need_model
+from softpatch_app.views import detection_overlay, score_range
+
+session: SessionData = get_session()
+env = environment()
+
+st.title("Detect")
+st.markdown(
+    "Score test images with the fitted model. Each image gets an **anomaly score** (higher = more likely "
+    "defective) and a **heatmap** of where it differs from the good training patches. Plain **PatchCore** (the "
+    "same model without denoising) is shown next to SoftPatch, so you can see what cleaning the training set "
+    "changed."
+)
+if not need_model(session):
+    st.stop()
+model = session.model
+
+sources = ["test set", "upload"] if session.test is not None else ["upload"]
+c1, c2 = st.columns([2, 1])
+source = c1.radio(
+    "Images to score",
+    sources,
+    format_func={"test set": "The test set from the Data page", "upload": "Upload images"}.get,
+    horizontal=True,
+    key="dt_source",
+    help="The test set can carry labels and masks (then quality metrics are shown). Uploaded images are scored "
+    "without labels.",
+)
+compare = c2.toggle(
+    "Compare with PatchCore",
+    value=True,
+    key="dt_compare",
+    help="Also score with plain PatchCore (no denoising) on the same features. Costs one more memory bank.",
+)
+
+split: loading.LoadedSplit | None = None
+if source == "test set":
+    split = session.test
+else:
+    files = st.file_uploader(
+        "Images to score",
+        accept_multiple_files=True,
+        key="dt_files",
+        help="Any number of image files (PNG, JPEG, BMP, TIFF, …), or a .zip of them.",
+    )
+    if files:
+        token = tuple((f.file_id, f.name, f.size) for f in files)
+        cached = st.session_state.get("_dt_upload")
+        if cached and cached[0] == token:
+            split = cached[1]
+        else:
+            with user_errors("read the uploaded images"):
+                root, skipped = loading.save_browser_files(files, session.workspace, session.slot("detect"), env.limits)
+                folder = scan_images(root, limits=env.limits)
+                split = loading.with_upload_skips(loading.LoadedSplit(folder, "upload", "uploaded images"), skipped)
+                st.session_state["_dt_upload"] = (token, split)
+        if split is not None and split.skipped:
+            st.warning(
+                f"{len(split.skipped)} uploaded files were skipped: "
+                + "; ".join(f"{s.path}: {s.reason}" for s in split.skipped[:5])
+            )
+if split is None or not len(split):
+    st.info("Choose images to score.")
+    st.stop()
+
+records = list(split.records)
+labelled = bool(split.labelled)
+detection = services.cached_detection(session, records, compare)
+if detection is None:
+    if st.button(f"Score {len(records)} images", type="primary", icon=":material/play_arrow:"):
+        bars = StageProgress(st.container())
+        with user_errors("score the images"):
+            detection = services.score_test(session, records, labelled=labelled, progress=bars, compare=compare)
+            bars.finish()
+    if detection is None:
+        st.caption("Scoring extracts the test features once; re-tuning later only re-runs the fast part.")
+        st.stop()
+
+soft, base = detection.softpatch, detection.patchcore
+transform = model.transform_
+
+# ----------------------------------------------------------------------------------------------- controls
+default, why = services.default_threshold(detection.labels, soft.image_scores)
+if session.threshold is not None:
+    default, why = session.threshold, f"chosen on the Deploy page ({session.threshold_method})"
+lo = float(min(soft.image_scores.min(), default))
+hi = float(max(soft.image_scores.max(), default))
+span = hi - lo if hi > lo else 1.0
+c1, c2, c3 = st.columns([2, 1.3, 1.3])
+order = np.argsort(-soft.image_scores, kind="stable")
+
+
+def describe(i: int) -> str:
+    label = ""
+    if detection.labels is not None:
+        label = " · defective" if detection.labels[i] else " · good"
+    return f"{detection.names[i]} — score {soft.image_scores[i]:.2f}{label}"
+
+
+pick = c1.selectbox(
+    "Image",
+    [int(i) for i in order],
+    format_func=describe,
+    key="dt_pick",
+    help="Sorted by SoftPatch score, most anomalous first.",
+)
+alpha = c2.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="dt_alpha", help="0 shows the photo only.")
+threshold = c3.slider(
+    "Threshold (outline)",
+    lo - 0.05 * span,
+    hi + 0.05 * span,
+    float(default),
+    key=f"dt_thr_{round(default, 6)}",
+    help=f"Regions scoring above this are outlined in yellow and images above it are called defective. "
+    f"Starts at: {why}.",
+)
+
+# ----------------------------------------------------------------------------------------------- side by side
+maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
+vrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
+base_threshold = None
+if base is not None:
+    base_threshold, _ = services.default_threshold(detection.labels, base.image_scores)
+
+i = int(pick)
+cols = st.columns(3 if base is not None else 2)
+with cols[0], user_errors("show the image"):
+    image = load_rgb(detection.paths[i])
+    mask = mask_for(detection.mask_paths[i], image.size) if detection.mask_paths[i] else None
+    if mask is not None and mask.any():
+        st.image(overlay_mask(image, mask, colour=(0, 200, 255), alpha=0.25), caption="Ground truth", width="stretch")
+    else:
+        st.image(image, caption="Image", width="stretch")
+with cols[1], user_errors("draw the SoftPatch heatmap"):
+    verdict = "DEFECTIVE" if soft.image_scores[i] >= threshold else "good"
+    st.image(
+        detection_overlay(
+            detection.paths[i], soft.anomaly_maps[i], transform, alpha=alpha, vrange=vrange, threshold=threshold
+        ),
+        caption=f"SoftPatch · score {soft.image_scores[i]:.2f} → {verdict}",
+        width="stretch",
+    )
+if base is not None:
+    with cols[2], user_errors("draw the PatchCore heatmap"):
+        verdict = "DEFECTIVE" if base.image_scores[i] >= base_threshold else "good"
+        st.image(
+            detection_overlay(
+                detection.paths[i],
+                base.anomaly_maps[i],
+                transform,
+                alpha=alpha,
+                vrange=vrange,
+                threshold=base_threshold,
+            ),
+            caption=f"PatchCore · score {base.image_scores[i]:.2f} → {verdict}",
+            width="stretch",
+        )
+st.caption(
+    "Both heatmaps use one colour scale (blue = like the good training patches, red = unlike). Yellow outlines: "
+    "regions over the threshold (PatchCore uses its own best-F1 / 95th-percentile threshold)."
+)
+
+# ----------------------------------------------------------------------------------------------- metrics
+if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detection.labels):
+    st.subheader("How well are defects found?")
+    with user_errors("compute the metrics"), st.spinner("Computing metrics…"):
+        table = services.evaluate(detection, transform)
+
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else f"n/a ({v})"
+
+    df = pd.DataFrame({name: {k: fmt(v) for k, v in row.items()} for name, row in table.items()})
+    st.dataframe(df, width="content")
+    st.caption(
+        "AUROC: 1.0 = every defective image scores above every good one, 0.5 = chance. Pixel AUROC and AUPRO "
+        "measure how well the heatmaps cover the masked defect regions."
+    )
+    curves = {
+        "SoftPatch": (*services.roc_points(detection.labels, soft.image_scores), table["SoftPatch"]["image AUROC"])
+    }
+    if base is not None:
+        curves["PatchCore"] = (
+            *services.roc_points(detection.labels, base.image_scores),
+            table["PatchCore"]["image AUROC"],
+        )
+    curves = {k: v for k, v in curves.items() if isinstance(v[2], float)}
+    a, b = st.columns(2)
+    with a:
+        st.plotly_chart(plots.roc_figure(curves), key="dt_roc")
+    with b:
+        st.plotly_chart(
+            plots.score_histogram(soft.image_scores, detection.labels, threshold=threshold, title="SoftPatch scores"),
+            key="dt_hist_soft",
+        )
+        if base is not None:
+            st.plotly_chart(
+                plots.score_histogram(
+                    base.image_scores, detection.labels, threshold=base_threshold, title="PatchCore scores"
+                ),
+                key="dt_hist_base",
+            )
+elif detection.labels is None:
+    st.info("These images have no labels, so no quality metrics. Load a labelled test folder on the Data page.")
+
+# ----------------------------------------------------------------------------------------------- gallery
+st.subheader("Most anomalous images")
+top = [int(k) for k in order[:12]]
+per_row = 6
+for start in range(0, len(top), per_row):
+    row = st.columns(per_row)
+    for col, k in zip(row, top[start : start + per_row], strict=False):
+        with col, user_errors("draw a heatmap"):
+            img = detection_overlay(
+                detection.paths[k],
+                soft.anomaly_maps[k],
+                transform,
+                alpha=alpha,
+                vrange=vrange,
+                threshold=threshold,
+                px=220,
+            )
+            st.image(thumbnail(img, 220), caption=describe(k), width="stretch")

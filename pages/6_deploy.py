@@ -1,0 +1,183 @@
+"""Deploy: choose the image threshold, see what it costs in false alarms and misses, download bundle + report."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import streamlit as st
+
+from softpatch import metrics
+from softpatch.bundle import save_bundle
+from softpatch_app import plots, services
+from softpatch_app.guard import user_errors
+from softpatch_app.progress import StageProgress
+from softpatch_app.reporting import build_session_report
+from softpatch_app.state import SessionData, get_session
+from softpatch_app.ui import device_label, need_model
+
+session: SessionData = get_session()
+
+st.title("Deploy")
+st.markdown(
+    "Pick the **threshold**: images scoring at or above it are called defective on the line. A lower threshold "
+    "catches more defects but raises more false alarms. Then download the **model bundle** (with its threshold) "
+    "and a **report** for stakeholders."
+)
+if not need_model(session):
+    st.stop()
+model = session.model
+
+detection = None
+if session.test is not None:
+    records = list(session.test.records)
+    detection = services.cached_detection(session, records, True) or services.cached_detection(session, records, False)
+    if detection is None:
+        st.info("Score the test set first: its scores are what the threshold is chosen on.")
+        if st.button(f"Score the {len(records)} test images", type="primary", icon=":material/play_arrow:"):
+            bars = StageProgress(st.container())
+            with user_errors("score the test set"):
+                detection = services.score_test(
+                    session, records, labelled=session.test.labelled, progress=bars, compare=True
+                )
+                bars.finish()
+else:
+    st.info(
+        "No test set is loaded: the threshold can only be set by hand. Load a labelled test folder on the Data "
+        "page to choose it by F1 or from known-good images."
+    )
+
+scores = detection.softpatch.image_scores if detection is not None else None
+labels = detection.labels if detection is not None else None
+has_both = labels is not None and 0 < int(labels.sum()) < len(labels)
+has_good = labels is not None and int((labels == 0).sum()) > 0
+
+methods = ["f1", "percentile", "manual"]
+if not has_both:
+    methods.remove("f1")
+if scores is None:
+    methods.remove("percentile")
+method_names = {
+    "f1": "Best F1 on the labelled test images",
+    "percentile": "A percentile of known-good scores",
+    "manual": "By hand",
+}
+method = st.radio(
+    "How to choose the threshold",
+    methods,
+    format_func=method_names.get,
+    horizontal=True,
+    key="dp_method",
+    help="Best F1 balances missed defects and false alarms on labelled images. A percentile of good images' scores "
+    "fixes the false-alarm rate (99th = about 1 in 100 good parts flagged). By hand: any value.",
+)
+
+threshold = session.threshold if session.threshold is not None else model.threshold_
+with user_errors("choose the threshold"):
+    if method == "f1":
+        choice = metrics.f1_threshold(labels, scores)
+        threshold = choice.threshold
+        st.markdown(
+            f"Best F1 **{choice.f1:.3f}** (precision {choice.precision:.2f}, recall {choice.recall:.2f}) at "
+            f"threshold **{threshold:.3f}**."
+        )
+    elif method == "percentile":
+        pct = st.slider(
+            "Percentile of good images' scores",
+            80.0,
+            100.0,
+            99.0,
+            0.5,
+            key="dp_pct",
+            help="The threshold is set so that this share of the known-good images passes.",
+        )
+        good = scores[labels == 0] if has_good else scores
+        if not has_good:
+            st.caption("No labels: every scored image is treated as known-good.")
+        threshold = metrics.percentile_threshold(good, pct)
+        st.markdown(f"Threshold **{threshold:.3f}** ({pct:g}th percentile of {len(good)} good images).")
+    else:
+        lo = float(scores.min()) if scores is not None else 0.0
+        hi = float(scores.max()) if scores is not None else 50.0
+        start = float(threshold) if threshold is not None else (lo + hi) / 2
+        threshold = st.number_input(
+            "Threshold",
+            value=start,
+            step=max((hi - lo) / 100, 1e-3),
+            format="%.4f",
+            key="dp_manual",
+            help="Images with an anomaly score at or above this are called defective.",
+        )
+    if threshold is not None:
+        session.threshold = float(threshold)
+        session.threshold_method = method_names[method]
+
+if threshold is not None and has_both:
+    conf = metrics.confusion_at(labels, scores, threshold)
+    c1, c2 = st.columns([1, 1])
+    with c1:
+        st.plotly_chart(plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn), key="dp_conf")
+    with c2:
+        m1, m2 = st.columns(2)
+        m1.metric("False-alarm rate", f"{conf.fpr:.1%}", help="Good images flagged defective (false positives).")
+        m2.metric("Miss rate", f"{conf.fnr:.1%}", help="Defective images that pass (false negatives).")
+        m1.metric("Precision", f"{conf.precision:.1%}", help="Of the flagged images, the share truly defective.")
+        m2.metric("Recall", f"{conf.recall:.1%}", help="Of the defective images, the share flagged.")
+        st.caption(f"On {len(labels)} labelled test images: {conf.fp} false alarms and {conf.fn} missed defects.")
+    st.plotly_chart(
+        plots.score_histogram(scores, labels, threshold=threshold, title="SoftPatch scores on the test set"),
+        key="dp_hist",
+    )
+elif threshold is not None and scores is not None:
+    flagged = int((scores >= threshold).sum())
+    st.metric("Images flagged", f"{flagged} of {len(scores)}")
+
+# ----------------------------------------------------------------------------------------------- downloads
+st.subheader("Downloads")
+name = (session.dataset_name or "softpatch").replace(" ", "_")
+c1, c2 = st.columns(2)
+with c1:
+    st.markdown(
+        "**Model bundle** — one file with the backbone, the memory bank, the settings and the threshold; "
+        "load it with `softpatch.load_bundle` or `softpatch score --bundle`."
+    )
+    if st.button("Prepare the model bundle", icon=":material/inventory_2:", key="dp_bundle"):
+        with user_errors("save the model bundle"), st.spinner("Writing the bundle…"):
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = session.workspace.subdir("exports") / f"{name}-{stamp}.softpatch"
+            save_bundle(model, path, threshold=session.threshold)
+            st.session_state["_bundle"] = str(path)
+    bundle_path = st.session_state.get("_bundle")
+    if bundle_path:
+        with user_errors("offer the bundle"):
+            with open(bundle_path, "rb") as fh:
+                data = fh.read()
+            st.download_button(
+                f"Download bundle ({len(data) / 2**20:.1f} MB)",
+                data,
+                file_name=bundle_path.rsplit("/", 1)[-1],
+                mime="application/octet-stream",
+                icon=":material/download:",
+                type="primary",
+                key="dp_bundle_dl",
+            )
+with c2:
+    st.markdown(
+        "**HTML report** — settings, removed-patch examples, the coreset map, heatmaps and metrics in one "
+        "file that opens offline in any browser."
+    )
+    if st.button("Prepare the report", icon=":material/summarize:", key="dp_report"):
+        bars = StageProgress(st.container())
+        with user_errors("build the report"), st.spinner("Building the report (a t-SNE map takes a few seconds)…"):
+            html = build_session_report(session, detection, device=device_label(model.config.device), progress=bars)
+            st.session_state["_report"] = html
+    report = st.session_state.get("_report")
+    if report:
+        st.download_button(
+            f"Download report ({len(report.encode()) / 2**20:.1f} MB)",
+            report.encode("utf-8"),
+            file_name=f"{name}-softpatch-report.html",
+            mime="text/html",
+            icon=":material/download:",
+            type="primary",
+            key="dp_report_dl",
+        )

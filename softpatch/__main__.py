@@ -1,0 +1,5 @@
+import sys
+
+from softpatch.cli import main
+
+sys.exit(main())

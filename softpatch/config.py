@@ -1,0 +1,126 @@
+"""The one configuration object of a SoftPatch model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TAU_SCOPES = ("global", "position")
+CORESET_METHODS = ("greedy", "random", "all")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class SoftPatchConfig:
+    """Every setting of a SoftPatch fit. Checked once, in ``__post_init__``.
+
+    Defaults follow the paper (seeds/000): wide_resnet50_2 stages 2+3, resize 256 /
+    crop 224, LOF with k=6, tau=0.15, greedy coreset of 10%, soft re-weighting on.
+    """
+
+    # --- images
+    resize: int = 256  # images are squashed to resize x resize (keeps every pixel of odd aspect ratios)
+    crop: int = 224  # then centre-cropped to crop x crop
+    # --- backbone
+    backbone: str = "wide_resnet50_2"  # any timm model that supports features_only
+    layers: tuple[int, ...] = (2, 3)  # timm feature stages (out_indices); the first sets the patch grid
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    pretrained: bool = True  # timm pretrained weights (downloaded once, cached); False = random init
+    weights: str | None = None  # local weights file (safetensors or torch state dict); wins over pretrained
+    feature_dim: int = 1024  # patch embedding size after channel pooling (capped at the backbone's channels)
+    patch_size: int = 3  # neighbourhood aggregation window
+    precision: str = "fp32"  # "bf16" runs the backbone under bf16 autocast (faster on CPU and GPU)
+    batch_size: int = 16  # images per backbone forward pass
+    # --- denoising
+    discriminator: str = "lof"  # a name in softpatch.discriminators.DISCRIMINATORS
+    lof_k: int = 6  # LOF neighbours; clamped to N-1 with a warning
+    gaussian_reg: float = 0.01  # covariance ridge, relative to the mean feature variance
+    fusion: tuple[str, ...] = ("nearest", "gaussian", "lof")  # members of the "fusion" discriminator
+    tau: float = 0.15  # fraction of patches removed as noise (highest outlier scores)
+    tau_scope: str = "global"  # "global": one cut over all patches; "position": tau at every position
+    soft_weight: bool = True  # scale test distances by the matched patch's outlier score (eq. 8)
+    # --- memory bank
+    coreset: str = "greedy"  # "greedy" k-centre, "random", or "all" kept patches
+    coreset_ratio: float = 0.1  # memory bank size as a fraction of kept patches
+    projection_dim: int = 128  # random projection used by the greedy coreset
+    # --- anomaly maps
+    blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in crop pixels
+    # --- runtime
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    seed: int = 0  # seeds the coreset start and projection: a fit is reproducible
+
+    def __post_init__(self) -> None:
+        # Normalise containers so that configs built from JSON or the CLI compare equal.
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "fusion", tuple(str(n) for n in self.fusion))
+        object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs))
+        from softpatch.discriminators import DISCRIMINATORS  # late: avoids an import cycle
+
+        checks = [
+            (self.resize >= 32, f"resize must be >= 32, got {self.resize}"),
+            (16 <= self.crop <= self.resize, f"crop must be in [16, resize={self.resize}], got {self.crop}"),
+            (len(self.layers) >= 1, "layers must name at least one backbone stage"),
+            (all(i >= 0 for i in self.layers), f"layers must be >= 0, got {self.layers}"),
+            (list(self.layers) == sorted(set(self.layers)), f"layers must be increasing, got {self.layers}"),
+            (self.feature_dim >= 1, f"feature_dim must be >= 1, got {self.feature_dim}"),
+            (self.patch_size >= 1 and self.patch_size % 2 == 1, f"patch_size must be odd, got {self.patch_size}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (
+                self.discriminator in DISCRIMINATORS,
+                f"unknown discriminator {self.discriminator!r}; choose from {sorted(DISCRIMINATORS)}",
+            ),
+            (self.lof_k >= 1, f"lof_k must be >= 1, got {self.lof_k}"),
+            (self.gaussian_reg > 0, f"gaussian_reg must be > 0, got {self.gaussian_reg}"),
+            (
+                len(self.fusion) >= 1 and all(n in DISCRIMINATORS and n not in ("fusion", "none") for n in self.fusion),
+                f"fusion members must be base discriminators, got {self.fusion}",
+            ),
+            (0.0 <= self.tau < 1.0, f"tau must be in [0, 1), got {self.tau}"),
+            (self.tau_scope in TAU_SCOPES, f"tau_scope must be one of {TAU_SCOPES}, got {self.tau_scope!r}"),
+            (self.coreset in CORESET_METHODS, f"coreset must be one of {CORESET_METHODS}, got {self.coreset!r}"),
+            (0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
+            (self.projection_dim >= 1, f"projection_dim must be >= 1, got {self.projection_dim}"),
+            (self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            json.dumps(self.backbone_kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"backbone_kwargs must be JSON-serialisable: {exc}") from None
+
+    @property
+    def weights_source(self) -> str:
+        """Where the backbone weights come from: "file", "pretrained" or "random"."""
+        if self.weights:
+            return "file"
+        return "pretrained" if self.pretrained else "random"
+
+    def replace(self, **changes: Any) -> SoftPatchConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        data["fusion"] = list(self.fusion)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SoftPatchConfig:
+        """Build from ``to_dict`` output; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {unknown}")
+        return cls(**data)

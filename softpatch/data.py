@@ -1,0 +1,454 @@
+"""Image folders, the MVTec AD layout and the paper's noisy training split.
+
+Every image a scan returns has been decoded once already, so unreadable files are known up front and
+listed in ``skipped`` with a reason a user can act on, instead of failing half-way through a fit.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from softpatch.errors import DataError, ImageLoadError
+from softpatch.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
+from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+
+__all__ = [
+    "Dataset",
+    "ImageFolder",
+    "ImageRecord",
+    "NoisySplit",
+    "SkippedFile",
+    "is_hidden_name",
+    "load_mvtec",
+    "make_noisy_split",
+    "scan_images",
+    "summarize_skipped",
+]
+
+# Names that operating systems and archivers leave behind; never data.
+SYSTEM_NAMES = frozenset(
+    {"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin", "system volume information", "icon\r"}
+)
+HIDDEN_REASON = "hidden or system file"
+HIDDEN_FOLDER_REASON = "hidden or system folder"
+NOT_IMAGE_REASON = "not an image file type"
+OUTSIDE_REASON = "symlink points outside the folder"
+GOOD = "good"
+
+
+def is_hidden_name(name: str) -> bool:
+    """Whether one path component is a hidden (dot) or operating-system file or folder."""
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file (or folder, path ending in "/") left out, with a one-line reason for the user.
+
+    ``path`` is relative to the scanned folder (or the archive) where possible, in "/" form.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image. ``label`` 1 = anomalous; ``mask_path`` None = no ground-truth mask known.
+
+    ``relpath`` is the path relative to the scanned root ("/" separated), "" when unknown.
+    """
+
+    path: Path
+    label: int = 0
+    defect: str = GOOD
+    mask_path: Path | None = None
+    relpath: str = ""
+
+    @property
+    def name(self) -> str:
+        """A display name: the path relative to the scanned root when known, else the file name."""
+        return self.relpath or self.path.name
+
+
+@dataclass
+class ImageFolder:
+    """The usable images of a folder, in a deterministic order, and what was left out and why."""
+
+    root: Path
+    records: list[ImageRecord]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [r.path for r in self.records]
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(n,)`` int64, 1 = anomalous."""
+        return np.asarray([r.label for r in self.records], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records)
+
+
+@dataclass
+class Dataset:
+    """A category in MVTec AD layout: clean training images and labelled test images."""
+
+    root: Path
+    name: str
+    train: ImageFolder
+    test: ImageFolder
+
+
+@dataclass
+class NoisySplit:
+    """The paper's noisy benchmark: ``train`` = clean train + ``injected`` anomalous test images (label 1)."""
+
+    train: list[ImageRecord]
+    test: list[ImageRecord]
+    injected: list[ImageRecord]
+
+
+# ---------------------------------------------------------------- folder scanning
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    rel: PurePosixPath
+    via_symlink: bool
+    real: str
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    """The folder as an absolute path, or a DataError saying why it cannot be scanned."""
+    path = Path(root).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"folder not found: {path}") from None
+    except PermissionError:
+        raise DataError(f"cannot read folder {path}: permission denied") from None
+    except OSError as exc:
+        raise DataError(f"cannot read folder {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path} is a file, not a folder; give the folder that contains the images")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"cannot read folder {path}: permission denied")
+    return path.absolute()
+
+
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path, skipped: list[SkippedFile]) -> list[_Candidate]:
+    """Candidate image files under ``root`` (recursive); everything else goes to ``skipped``.
+
+    Symlinks are followed only while they stay inside ``root``. Real folders are walked first and
+    symlinked folders afterwards, each real folder once, so a link never shadows its target and
+    symlink loops end.
+    """
+    root_real = os.path.realpath(root)
+    visited = {root_real}
+    candidates: list[_Candidate] = []
+    stack: list[tuple[Path, PurePosixPath]] = [(root, PurePosixPath())]
+    linked_folders: list[tuple[Path, PurePosixPath, str]] = []
+    while stack or linked_folders:
+        if not stack:
+            path, rel, real = linked_folders.pop(0)
+            if real in visited:
+                skipped.append(SkippedFile(f"{rel}/", "symlink to a folder that is already scanned"))
+            else:
+                visited.add(real)
+                stack.append((path, rel))
+            continue
+        folder, rel_folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+            if not rel_folder.parts:
+                raise DataError(f"cannot read folder {root}: {why}") from None
+            skipped.append(SkippedFile(f"{rel_folder}/", f"folder cannot be read ({why})"))
+            continue
+        subfolders: list[tuple[Path, PurePosixPath]] = []
+        for entry in entries:
+            rel = rel_folder / entry.name
+            path = Path(entry.path)
+            is_link = entry.is_symlink()
+            try:
+                st = os.stat(entry.path)  # follows symlinks
+            except OSError:
+                skipped.append(SkippedFile(str(rel), "broken symlink" if is_link else "file cannot be read"))
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            shown = f"{rel}/" if is_dir else str(rel)
+            if is_hidden_name(entry.name):
+                skipped.append(SkippedFile(shown, HIDDEN_FOLDER_REASON if is_dir else HIDDEN_REASON))
+                continue
+            real = os.path.realpath(entry.path) if is_link else ""
+            if is_link and not _inside(real, root_real):
+                skipped.append(SkippedFile(shown, OUTSIDE_REASON))
+            elif is_dir and is_link:
+                linked_folders.append((path, rel, real))
+            elif is_dir:
+                visited.add(os.path.realpath(entry.path))
+                subfolders.append((path, rel))
+            elif not stat.S_ISREG(st.st_mode):
+                skipped.append(SkippedFile(shown, "not a regular file"))
+            elif "." not in entry.name or path.suffix.lower() in IMAGE_EXTENSIONS:
+                # No extension: let the content decide.
+                candidates.append(_Candidate(path, rel, is_link, real))
+            else:
+                skipped.append(SkippedFile(shown, NOT_IMAGE_REASON))
+        stack.extend(reversed(subfolders))
+    if any(c.via_symlink for c in candidates):
+        # A symlink to a file that is in the folder anyway would count the same image twice.
+        own = {os.path.realpath(c.path) for c in candidates if not c.via_symlink}
+        kept = []
+        for c in candidates:
+            if c.via_symlink and c.real in own:
+                skipped.append(SkippedFile(str(c.rel), "symlink to a file already in the folder"))
+            else:
+                kept.append(c)
+        candidates = kept
+    candidates.sort(key=lambda c: c.rel.parts)
+    return candidates
+
+
+def _check_image(path: Path, limits: LoadLimits) -> str | None:
+    """None when the file decodes, else the reason it does not."""
+    try:
+        load_image(path, limits)
+    except ImageLoadError as exc:
+        return failure_reason(exc)
+    return None
+
+
+def _decode_all(
+    paths: Sequence[Path], limits: LoadLimits, check: Callable[[Path, LoadLimits], str | None] | None = None
+) -> list[str | None]:
+    """Decode every file once (``check`` returns None or the failure reason).
+
+    Pillow releases the GIL while decoding, so a small thread pool helps; it stays small because each
+    worker may hold one full-size decoded image.
+    """
+    check = check or _check_image
+    workers = min(4, os.cpu_count() or 1, max(1, len(paths)))
+    if workers == 1:
+        return [check(p, limits) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: check(p, limits), paths))
+
+
+def _scan_folder(
+    folder: Path, limits: LoadLimits, *, prefix: PurePosixPath | None = None
+) -> tuple[list[ImageRecord], list[SkippedFile]]:
+    """Decoded-and-usable records plus skipped files; relpaths get ``prefix`` prepended. Never empty-checks."""
+    prefix = prefix or PurePosixPath()
+    skipped: list[SkippedFile] = []
+    candidates = _walk(folder, skipped)
+    if len(candidates) > limits.max_files:
+        reason = f"over the file limit (LoadLimits.max_files={limits.max_files})"
+        skipped.extend(SkippedFile(str(c.rel), reason) for c in candidates[limits.max_files :])
+        candidates = candidates[: limits.max_files]
+    reasons = _decode_all([c.path for c in candidates], limits)
+    records = []
+    for c, reason in zip(candidates, reasons, strict=True):
+        if reason is None:
+            records.append(ImageRecord(path=c.path, relpath=str(prefix / c.rel)))
+        else:
+            skipped.append(SkippedFile(str(c.rel), reason))
+    if prefix.parts:
+        skipped = [SkippedFile(str(prefix / s.path) + ("/" if s.path.endswith("/") else ""), s.reason) for s in skipped]
+    skipped.sort(key=lambda s: PurePosixPath(s.path).parts)
+    return records, skipped
+
+
+def summarize_skipped(skipped: Sequence[SkippedFile], *, top: int = 4) -> str:
+    """ "3 not an image file type, 2 truncated or corrupt image data": the most common reasons, counted."""
+    counts = Counter(s.reason for s in skipped).most_common()
+    parts = [f"{n} {reason}" for reason, n in counts[:top]]
+    rest = sum(n for _, n in counts[top:])
+    if rest:
+        parts.append(f"{rest} for other reasons")
+    return ", ".join(parts)
+
+
+def _no_images_error(root: Path, skipped: Sequence[SkippedFile]) -> DataError:
+    if not skipped:
+        return DataError(f"no images in {root}: the folder is empty")
+    n = len(skipped)
+    noun = "file" if n == 1 else "files"
+    return DataError(f"no readable images in {root}: {n} {noun} skipped ({summarize_skipped(skipped)})")
+
+
+def scan_images(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> ImageFolder:
+    """All decodable images under ``root`` (recursive), sorted by relative path.
+
+    Every candidate is decoded once; unreadable, hidden, non-image, outside-pointing-symlink and
+    over-the-limit files are listed in ``skipped`` with a reason. Files without an extension are tried
+    by content. Raises ``DataError`` when ``root`` is missing, a file, unreadable, or has no usable image.
+    """
+    limits = limits or DEFAULT_LIMITS
+    folder = _check_root(root)
+    records, skipped = _scan_folder(folder, limits)
+    if not records:
+        raise _no_images_error(folder, skipped)
+    return ImageFolder(root=folder, records=records, skipped=skipped)
+
+
+# ---------------------------------------------------------------- MVTec AD layout
+
+
+def _mask_index(gt_folder: Path) -> dict[str, Path]:
+    """Mask files of one ground_truth/<defect>/ folder by relative "/" path (not decoded here)."""
+    index: dict[str, Path] = {}
+    if not gt_folder.is_dir():
+        return index
+    ignored: list[SkippedFile] = []
+    for c in _walk(gt_folder, ignored):
+        index[str(c.rel)] = c.path
+    return index
+
+
+def _find_mask(rel_in_defect: PurePosixPath, masks: dict[str, Path]) -> Path | None:
+    """``<stem>_mask.<ext>`` (MVTec), the exact same name, or the same stem with any image extension."""
+    parent, stem = rel_in_defect.parent, rel_in_defect.stem
+    options = [str(parent / f"{stem}_mask{ext}") for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
+    options.append(str(rel_in_defect))
+    options.extend(str(parent / f"{stem}{ext}") for ext in (".png", *sorted(IMAGE_EXTENSIONS)))
+    for key in options:
+        if key in masks:
+            return masks[key]
+    # Extensions in another letter case (".PNG").
+    lowered = {k.lower(): v for k, v in masks.items()}
+    for key in options:
+        if key.lower() in lowered:
+            return lowered[key.lower()]
+    return None
+
+
+def _check_mask(path: Path, limits: LoadLimits) -> str | None:
+    try:
+        load_mask(path, limits)
+    except ImageLoadError as exc:
+        return failure_reason(exc)
+    return None
+
+
+def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> Dataset:
+    """A category in MVTec AD layout: ``train/good/``, ``test/<defect>/``, ``ground_truth/<defect>/``.
+
+    Train records are label 0. Test records are label 0 in ``test/good`` and label 1 (``defect`` = the
+    folder name) elsewhere. A defective test image gets ``mask_path`` from ``ground_truth/<defect>/``
+    (``<stem>_mask.png``, the same file name, or the same stem); without a mask it is kept with
+    ``mask_path=None`` and pixel metrics leave it out. Good images have no mask (all zero). Masks with no
+    test image are ignored; masks that do not decode are listed in ``test.skipped`` and not used.
+    Record names are relative to ``root`` ("test/crack/000.png"). A missing ``test/`` gives an empty
+    test set. Raises ``DataError`` when ``train/good`` is missing or holds no usable image.
+    """
+    limits = limits or DEFAULT_LIMITS
+    base = _check_root(root)
+    train_dir = base / "train" / GOOD
+    if not train_dir.is_dir():
+        raise DataError(f"{base} is not in MVTec AD layout: the folder train/good/ is missing")
+    train_records, train_skipped = _scan_folder(_check_root(train_dir), limits, prefix=PurePosixPath("train/good"))
+    if not train_records:
+        raise _no_images_error(train_dir, train_skipped)
+
+    test_dir = base / "test"
+    test_records: list[ImageRecord] = []
+    test_skipped: list[SkippedFile] = []
+    if test_dir.is_dir():
+        defect_dirs: list[Path] = []
+        with os.scandir(test_dir) as it:
+            for entry in sorted(it, key=lambda e: e.name):
+                rel = f"test/{entry.name}"
+                if is_hidden_name(entry.name):
+                    test_skipped.append(SkippedFile(rel + ("/" if entry.is_dir() else ""), HIDDEN_REASON))
+                elif entry.is_symlink() and not _inside(os.path.realpath(entry.path), os.path.realpath(base)):
+                    test_skipped.append(SkippedFile(rel, OUTSIDE_REASON))
+                elif entry.is_dir():
+                    defect_dirs.append(Path(entry.path))
+                else:
+                    test_skipped.append(SkippedFile(rel, "not inside a test/<defect>/ folder"))
+        masks_to_check: list[tuple[int, Path]] = []
+        for defect_dir in defect_dirs:
+            defect = defect_dir.name
+            records, skipped = _scan_folder(defect_dir, limits, prefix=PurePosixPath("test", defect))
+            test_skipped.extend(skipped)
+            label = 0 if defect == GOOD else 1
+            masks = {} if label == 0 else _mask_index(base / "ground_truth" / defect)
+            prefix_len = len(("test", defect))
+            for record in records:
+                rel_in_defect = PurePosixPath(*PurePosixPath(record.relpath).parts[prefix_len:])
+                mask = _find_mask(rel_in_defect, masks) if label else None
+                if mask is not None:
+                    masks_to_check.append((len(test_records), mask))
+                test_records.append(
+                    ImageRecord(path=record.path, label=label, defect=defect, mask_path=mask, relpath=record.relpath)
+                )
+        # Masks are decoded up front too, so that pixel metrics never meet an unreadable one.
+        reasons = _decode_all([m for _, m in masks_to_check], limits, check=_check_mask)
+        for (i, mask), reason in zip(masks_to_check, reasons, strict=True):
+            if reason is not None:
+                test_skipped.append(SkippedFile(str(mask.relative_to(base).as_posix()), f"mask not used: {reason}"))
+                r = test_records[i]
+                test_records[i] = ImageRecord(r.path, r.label, r.defect, None, r.relpath)
+    train = ImageFolder(root=train_dir, records=train_records, skipped=train_skipped)
+    test = ImageFolder(root=test_dir, records=test_records, skipped=test_skipped)
+    return Dataset(root=base, name=base.name, train=train, test=test)
+
+
+# ---------------------------------------------------------------- the paper's noisy split
+
+
+def make_noisy_split(dataset: Dataset, *, noise: float, overlap: bool, seed: int) -> NoisySplit:
+    """Add ``int(noise * n_train)`` anomalous test images, drawn with ``np.random.default_rng(seed)``, to train.
+
+    Injected records keep label 1 so a benchmark knows which training images are noise. No-overlap
+    (``overlap=False``): they leave the test set. Overlap: they stay in it too. ``noise=0`` leaves train
+    unchanged. Raises ``DataError`` when the test set has too few anomalous images.
+    """
+    noise = float(noise)
+    if not np.isfinite(noise) or noise < 0:
+        raise DataError(f"noise must be a fraction >= 0, got {noise}")
+    train = list(dataset.train.records)
+    test = list(dataset.test.records)
+    # The epsilon keeps 0.29 * 100 from flooring to 28 through float rounding.
+    n_inject = int(noise * len(train) + 1e-9)
+    anomalous = [i for i, r in enumerate(test) if r.label == 1]
+    if n_inject > len(anomalous):
+        raise DataError(
+            f"noise {noise:g} needs {n_inject} anomalous test images to inject into {len(train)} training images, "
+            f"but {dataset.name} has only {len(anomalous)}"
+        )
+    if n_inject == 0:
+        return NoisySplit(train=train, test=test, injected=[])
+    rng = np.random.default_rng(seed)
+    chosen = sorted(anomalous[int(j)] for j in rng.choice(len(anomalous), size=n_inject, replace=False))
+    injected = [test[i] for i in chosen]
+    if not overlap:
+        drop = set(chosen)
+        test = [r for i, r in enumerate(test) if i not in drop]
+    return NoisySplit(train=train + injected, test=test, injected=injected)

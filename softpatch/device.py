@@ -1,0 +1,25 @@
+"""Choosing the torch device."""
+
+from __future__ import annotations
+
+import torch
+
+from softpatch.errors import SoftPatchError
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto", "cpu" or "cuda" to a device; "auto" picks CUDA where available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SoftPatchError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise SoftPatchError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable name: "CPU" or the GPU's name."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return "CPU"

@@ -1,0 +1,29 @@
+"""Errors raised on purpose. Each message is one clear sentence a user can act on."""
+
+
+class SoftPatchError(Exception):
+    """Base of every error the core raises deliberately; ``str(err)`` is shown to users as is."""
+
+
+class ImageLoadError(SoftPatchError):
+    """An image file cannot be decoded (the message says why)."""
+
+
+class DataError(SoftPatchError):
+    """A folder, archive or dataset cannot be used (missing, empty, unsafe, too large)."""
+
+
+class WeightsError(SoftPatchError):
+    """Backbone weights cannot be had (no network and nothing cached, bad file, wrong model)."""
+
+
+class BundleError(SoftPatchError):
+    """A model bundle is damaged, tampered with, or of an unknown format version."""
+
+
+class NotFittedError(SoftPatchError):
+    """A model was used before ``fit``."""
+
+
+class ResourceError(SoftPatchError):
+    """A job needs more memory than the device has; the message says how much and what to change."""

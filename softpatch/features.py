@@ -1,0 +1,183 @@
+"""Patch features: a timm backbone, 3x3 neighbourhood aggregation and channel pooling (PatchCore, sec. 3.1)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softpatch.config import SoftPatchConfig
+from softpatch.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+# A weights file must cover at least this share of the backbone's tensors, else it is for another model.
+_MIN_WEIGHTS_COVERAGE = 0.95
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the sidebar and the bundle say about a backbone."""
+
+    name: str
+    layers: tuple[int, ...]
+    channels: tuple[int, ...]  # per stage, read from timm
+    strides: tuple[int, ...]  # per stage, read from timm
+    weights_source: str  # "pretrained", "file" or "random"
+    weights_path: str | None
+
+
+def _canonical(name: str) -> str:
+    # timm's feature wrappers flatten "blocks.0" into "blocks_0"; compare names without separators.
+    return re.sub(r"[._]", "", name)
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"cannot read weights file {path.name}: it is not a safetensors file or a plain torch state dict "
+            f"(pickled objects are refused for safety): {first_line[:200]}"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path.name} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, path: Path) -> None:
+    by_name = {_canonical(k): v for k, v in state.items()}
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    matched: dict[str, torch.Tensor] = {}
+    for key, tensor in target.items():
+        source = by_name.get(_canonical(key))
+        if source is not None and source.shape == tensor.shape:
+            matched[key] = source
+    coverage = len(matched) / max(1, len(target))
+    if coverage < _MIN_WEIGHTS_COVERAGE:
+        raise WeightsError(
+            f"weights file {path.name} does not fit backbone {backbone!r}: only {len(matched)} of {len(target)} "
+            "tensors match by name and shape; check --backbone and --backbone-kwargs"
+        )
+    model.load_state_dict(matched, strict=False)
+
+
+def create_backbone(config: SoftPatchConfig) -> nn.Module:
+    """Build the timm ``features_only`` backbone with the weights the config asks for; never a silent fallback."""
+    import timm
+
+    kwargs = dict(features_only=True, out_indices=config.layers, **config.backbone_kwargs)
+    try:
+        if config.weights_source == "pretrained":
+            model = timm.create_model(config.backbone, pretrained=True, **kwargs)
+        else:
+            model = timm.create_model(config.backbone, pretrained=False, **kwargs)
+    except WeightsError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Unknown model" in text or "Invalid model" in text:
+            raise WeightsError(f"unknown backbone {config.backbone!r}: not a timm model name") from None
+        if isinstance(exc, (TypeError, ValueError, IndexError, AssertionError)):
+            raise WeightsError(
+                f"backbone {config.backbone!r} cannot be built with layers={list(config.layers)} "
+                f"and backbone_kwargs={config.backbone_kwargs}: {text[:200]}"
+            ) from None
+        if config.weights_source == "pretrained":
+            raise WeightsError(
+                f"pretrained weights for {config.backbone!r} could not be downloaded (no network?) and are not in "
+                "the local cache. Point to a local weights file (--weights FILE, or SOFTPATCH_WEIGHTS=FILE in the "
+                "app), or choose random weights explicitly (--no-pretrained) to try the workflow only."
+            ) from None
+        raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
+    if config.weights_source == "file":
+        path = Path(config.weights or "")
+        _load_into(model, read_weights_file(path), config.backbone, path)
+    return model
+
+
+def backbone_info(model: nn.Module, config: SoftPatchConfig) -> BackboneInfo:
+    info = model.feature_info
+    return BackboneInfo(
+        name=config.backbone,
+        layers=config.layers,
+        channels=tuple(info.channels()),
+        strides=tuple(info.reduction()),
+        weights_source=config.weights_source,
+        weights_path=config.weights,
+    )
+
+
+def _channel_pooling(in_channels: int, out_channels: int) -> torch.Tensor:
+    # Adaptive average pooling over channels is linear: express it as one (C_in, C_out) matrix product.
+    eye = torch.eye(in_channels).unsqueeze(1)  # (C_in, 1, C_in)
+    return F.adaptive_avg_pool1d(eye, out_channels).squeeze(1)  # (C_in, C_out)
+
+
+class FeatureExtractor(nn.Module):
+    """Backbone stages -> locally aggregated, channel-pooled patch embeddings.
+
+    Each stage's map is averaged over a ``patch_size`` neighbourhood, pooled over channels to an equal
+    share of ``feature_dim``, upsampled to the first stage's grid and concatenated.
+    Input ``(B, 3, crop, crop)``; output ``(B, H*W, feature_dim)`` float32 with ``(H, W)`` the first stage's grid.
+    """
+
+    def __init__(self, backbone: nn.Module, config: SoftPatchConfig) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.patch_size = config.patch_size
+        self.precision = config.precision
+        channels = list(backbone.feature_info.channels())
+        shares = [config.feature_dim // len(channels)] * len(channels)
+        shares[-1] += config.feature_dim - sum(shares)
+        for i, (c, s) in enumerate(zip(channels, shares, strict=False)):
+            self.register_buffer(f"pool{i}", _channel_pooling(c, s), persistent=False)
+        self.num_stages = len(channels)
+        self.feature_dim = config.feature_dim
+        self.stride = backbone.feature_info.reduction()[0]
+
+    def grid_shape(self, crop: int) -> tuple[int, int]:
+        side = -(-crop // self.stride)
+        return side, side
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device_type = images.device.type
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                maps = self.backbone(images)
+        else:
+            maps = self.backbone(images)
+        pad = self.patch_size // 2
+        grid = maps[0].shape[-2:]
+        parts = []
+        for i, fmap in enumerate(maps):
+            fmap = fmap.float()
+            if self.patch_size > 1:
+                fmap = F.avg_pool2d(fmap, self.patch_size, stride=1, padding=pad, count_include_pad=False)
+            # Pool channels at the stage's own resolution (cheaper), then bring it to the common grid.
+            fmap = torch.einsum("bchw,cd->bdhw", fmap, getattr(self, f"pool{i}"))
+            if fmap.shape[-2:] != grid:
+                fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+            parts.append(fmap)
+        features = torch.cat(parts, dim=1)  # (B, D, H, W)
+        return features.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, D)

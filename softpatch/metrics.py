@@ -1,0 +1,275 @@
+"""Evaluation metrics: image AUROC, pixel AUROC, AUPRO, thresholds and confusion counts.
+
+Direction everywhere: a higher score means more anomalous, and ``score >= threshold`` is predicted
+anomalous. Labels are 0 (good) / 1 (anomalous); masks are bool, True on defect pixels.
+Functions raise ``ValueError`` with a clear message when a metric is undefined for the input
+(for example only one class present), never return NaN silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+__all__ = [
+    "Confusion",
+    "ThresholdChoice",
+    "aupro",
+    "confusion_at",
+    "f1_threshold",
+    "image_auroc",
+    "percentile_threshold",
+    "pixel_auroc",
+    "pro_curve",
+]
+
+# 8-connectivity, as in the MVTec AD evaluation code.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert image-level labels (n,) in {0, 1} and scores (n,) finite floats."""
+    y = np.asarray(labels).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+    if y.size == 0:
+        raise ValueError("labels and scores are empty")
+    if y.dtype != bool and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (good) or 1 (anomalous)")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return y.astype(bool), s
+
+
+def _masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert masks (n, h, w) bool and maps (n, h, w) float; a single (h, w) pair is allowed."""
+    m = np.asarray(masks)
+    a = np.asarray(maps)
+    if m.ndim == 2:
+        m = m[None]
+    if a.ndim == 2:
+        a = a[None]
+    if m.ndim != 3 or a.ndim != 3:
+        raise ValueError(f"masks and maps must be (n, h, w) arrays, got shapes {m.shape} and {a.shape}")
+    if m.shape != a.shape:
+        raise ValueError(f"masks and maps must have the same shape, got {m.shape} and {a.shape}")
+    if m.size == 0:
+        raise ValueError("masks and maps are empty")
+    if m.dtype != bool:
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("masks must be bool (or 0/1); threshold soft masks before calling")
+        m = m.astype(bool)
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("anomaly maps contain NaN or infinite values")
+    return m, a
+
+
+def _both_classes(y: np.ndarray, what: str) -> None:
+    positives = int(y.sum())
+    if positives == 0 or positives == y.size:
+        only = "anomalous" if positives else "good"
+        raise ValueError(f"{what} is undefined when only one class is present (all {y.size} are {only})")
+
+
+def image_auroc(labels, scores) -> float:
+    """Area under the ROC curve of image scores.
+
+    labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous.
+    1.0 = every anomalous image scores above every good one, 0.5 = chance, 0.0 = inverted.
+    Raises ValueError when only one class is present.
+    """
+    y, s = _labels_scores(labels, scores)
+    _both_classes(y, "image AUROC")
+    return float(roc_auc_score(y, s))
+
+
+def pixel_auroc(masks, maps) -> float:
+    """Area under the ROC curve over all pixels of all images.
+
+    masks: (n, h, w) bool, True on defect pixels. maps: (n, h, w) float anomaly maps, higher = more anomalous.
+    Raises ValueError when the masks are all False or all True.
+    """
+    m, a = _masks_maps(masks, maps)
+    y = m.reshape(-1)
+    _both_classes(y, "pixel AUROC")
+    return float(roc_auc_score(y, a.reshape(-1)))
+
+
+def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap curve of MVTec AD: (fprs, pros), both increasing, from (0, 0) to (1, 1).
+
+    Each point is one distinct threshold t (pixels with ``map >= t`` are predicted defective), swept from
+    the highest score down. FPR is over all defect-free pixels of all images; PRO is the mean, over every
+    connected component (8-connectivity) of every ground-truth mask, of the fraction of the component's
+    pixels predicted defective. Exact: one sort of all pixel scores, no threshold binning.
+    """
+    m, a = _masks_maps(masks, maps)
+    regions = np.zeros(m.shape, dtype=np.int64)
+    n_regions = 0
+    for i in range(m.shape[0]):
+        lab, count = ndimage.label(m[i], structure=_EIGHT_CONNECTED)
+        if count:
+            regions[i] = np.where(lab > 0, lab + n_regions, 0)
+            n_regions += count
+    n_ok = int((~m).sum())
+    if n_regions == 0:
+        raise ValueError("AUPRO is undefined without defect pixels (every mask is empty)")
+    if n_ok == 0:
+        raise ValueError("AUPRO is undefined without defect-free pixels (every mask is full)")
+
+    region_size = np.bincount(regions.reshape(-1), minlength=n_regions + 1).astype(np.float64)
+    # When a pixel of region r becomes "predicted defective", PRO rises by 1 / (n_regions * |r|).
+    pro_weight = 1.0 / (n_regions * np.maximum(region_size, 1.0))
+    pro_weight[0] = 0.0
+
+    scores = a.reshape(-1)
+    order = np.argsort(scores)[::-1]  # ties are merged below, so their order does not matter
+    scores_sorted = scores[order]
+    region_sorted = regions.reshape(-1)[order]
+    # Pixels with equal scores cross the threshold together: keep the last of each run of equal values.
+    keep = np.flatnonzero(np.append(scores_sorted[1:] != scores_sorted[:-1], True))
+    fprs = np.cumsum(region_sorted == 0)[keep] / n_ok  # exact integer counts, then one division
+    pros = np.clip(np.cumsum(pro_weight[region_sorted])[keep], 0.0, 1.0)
+    zero, one = np.zeros(1), np.ones(1)
+    return np.concatenate([zero, fprs, one]), np.concatenate([zero, pros, one])
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x in [0, x_max]; x non-decreasing; y interpolated exactly at x_max."""
+    inside = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
+    area = float(np.trapezoid(y[:inside], x[:inside])) if inside >= 2 else 0.0
+    if inside < x.size and x[inside - 1] < x_max:
+        x0, x1, y0, y1 = x[inside - 1], x[inside], y[inside - 1], y[inside]
+        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_at) * (x_max - x0)
+    return area
+
+
+def aupro(masks, maps, *, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD's AUPRO, default limit 0.3).
+
+    masks: (n, h, w) bool ground truth, True on defect pixels. maps: (n, h, w) float, higher = more anomalous.
+    The trapezoid area over FPR in [0, fpr_limit] (PRO interpolated at exactly ``fpr_limit``) is divided by
+    ``fpr_limit``, so a perfect detector scores 1.0 and one that never overlaps a defect before the limit 0.0.
+    Raises ValueError when no mask has a defect or no pixel is defect-free.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    fprs, pros = pro_curve(masks, maps)
+    return _area_up_to(fprs, pros, fpr_limit) / fpr_limit
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold (``score >= threshold`` = anomalous) and the F1 / precision / recall it gives."""
+
+    threshold: float
+    f1: float
+    precision: float
+    recall: float
+
+
+def f1_threshold(labels, scores) -> ThresholdChoice:
+    """The threshold on image scores that maximises F1 (anomalous = positive class).
+
+    labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous. The threshold is one of the
+    scores; ``score >= threshold`` is predicted anomalous. Among equally good thresholds the highest is
+    returned (fewest false alarms). Raises ValueError when there is no anomalous label.
+    """
+    y, s = _labels_scores(labels, scores)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        raise ValueError("F1 is undefined without anomalous labels")
+    order = np.argsort(s)[::-1]
+    s_sorted = s[order]
+    tp = np.cumsum(y[order])
+    fp = np.cumsum(~y[order])
+    last = np.append(s_sorted[1:] != s_sorted[:-1], True)  # cut after each run of equal scores
+    tp, fp, thresholds = tp[last].astype(np.float64), fp[last].astype(np.float64), s_sorted[last]
+    f1 = 2 * tp / (tp + fp + n_pos)
+    best = int(np.argmax(f1))  # first maximum = highest threshold
+    precision = tp[best] / (tp[best] + fp[best])
+    return ThresholdChoice(
+        threshold=float(thresholds[best]),
+        f1=float(f1[best]),
+        precision=float(precision),
+        recall=float(tp[best] / n_pos),
+    )
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Counts at one threshold (anomalous = positive). Ratios are 0.0 when their denominator is 0."""
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def fpr(self) -> float:
+        """Good images flagged anomalous, as a fraction of good images."""
+        return _ratio(self.fp, self.fp + self.tn)
+
+    @property
+    def fnr(self) -> float:
+        """Anomalous images missed, as a fraction of anomalous images."""
+        return _ratio(self.fn, self.fn + self.tp)
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def f1(self) -> float:
+        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @property
+    def accuracy(self) -> float:
+        return _ratio(self.tp + self.tn, self.tp + self.fp + self.tn + self.fn)
+
+
+def confusion_at(labels, scores, threshold: float) -> Confusion:
+    """Confusion counts when ``score >= threshold`` is predicted anomalous.
+
+    labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous.
+    """
+    y, s = _labels_scores(labels, scores)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    pred = s >= threshold
+    return Confusion(
+        tp=int((pred & y).sum()),
+        fp=int((pred & ~y).sum()),
+        tn=int((~pred & ~y).sum()),
+        fn=int((~pred & y).sum()),
+    )
+
+
+def percentile_threshold(good_scores, percentile: float) -> float:
+    """The ``percentile`` (0-100) of scores of good images: e.g. 99 flags about 1% of good images.
+
+    good_scores: (n,) scores of defect-free images, higher = more anomalous. Linear interpolation.
+    """
+    s = np.asarray(good_scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise ValueError("percentile_threshold needs at least one good score")
+    if not np.isfinite(s).all():
+        raise ValueError("good scores contain NaN or infinite values")
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    return float(np.percentile(s, percentile))

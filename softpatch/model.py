@@ -1,0 +1,523 @@
+"""The SoftPatch estimator: fit on a (possibly noisy) folder of nominal images, then score test images."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softpatch.anomaly_map import anomaly_maps
+from softpatch.config import SoftPatchConfig
+from softpatch.denoise import image_suspicion, select_removed, soft_weights
+from softpatch.device import resolve_device
+from softpatch.discriminators import (
+    DISCRIMINATORS,
+    NEIGHBOUR_CACHE_K,
+    DiscriminatorParams,
+    NeighbourCache,
+    compute_neighbours,
+    effective_lof_k,
+    needs_features,
+    score_patches,
+)
+from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
+from softpatch.features import BackboneInfo, FeatureExtractor, backbone_info, create_backbone
+from softpatch.images import ImageTransform, load_image
+from softpatch.memory_bank import MemoryBank
+from softpatch.progress import ProgressCallback, report
+from softpatch.resources import available_memory, estimate_fit_memory, work_budget
+from softpatch.sampler import random_projection, select_coreset
+
+ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
+
+# Settings that change the features themselves: changing one needs a new fit, not a re-tune.
+FEATURE_FIELDS = frozenset(
+    {"resize", "crop", "backbone", "layers", "backbone_kwargs", "pretrained", "weights", "feature_dim", "patch_size"}
+)
+# Settings a re-tune may change without touching the images again.
+RETUNE_FIELDS = frozenset(
+    {
+        "discriminator",
+        "lof_k",
+        "gaussian_reg",
+        "fusion",
+        "tau",
+        "tau_scope",
+        "soft_weight",
+        "coreset",
+        "coreset_ratio",
+        "projection_dim",
+        "seed",
+        "blur_sigma",
+        "batch_size",
+        "precision",
+        "device",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Patch features of some images, reusable across re-tunes and model variants."""
+
+    features: torch.Tensor  # (n, P, D) float32, CPU
+    names: list[str]
+    sizes: list[tuple[int, int]]  # original (width, height)
+    feature_key: str  # fingerprint of the feature settings that produced them
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores of n test images; higher = more anomalous. Raw distances, never normalised per set."""
+
+    image_scores: np.ndarray  # (n,) max patch score per image
+    patch_scores: np.ndarray  # (n, H, W) soft-weighted nearest-neighbour distances (eq. 8)
+    anomaly_maps: np.ndarray | None  # (n, crop, crop) upsampled and blurred patch scores
+    names: list[str]
+    sizes: list[tuple[int, int]]  # original (width, height), for mapping maps back onto the images
+
+
+@dataclass(frozen=True)
+class VettingReport:
+    """Training images ranked by how likely they are defective (seeds/004: image-level filtering)."""
+
+    names: list[str]
+    suspicion: np.ndarray  # (N,) higher = more likely defective
+    removed_fraction: np.ndarray  # (N,) share of the image's patches removed as noise
+    ranking: np.ndarray  # (N,) image indices, most suspicious first
+
+    def rows(self) -> list[dict[str, object]]:
+        """One dict per image in ranking order: rank (1-based), path, suspicion, removed_fraction."""
+        return [
+            {
+                "rank": rank,
+                "path": self.names[i],
+                "suspicion": float(self.suspicion[i]),
+                "removed_fraction": float(self.removed_fraction[i]),
+            }
+            for rank, i in enumerate(self.ranking.tolist(), start=1)
+        ]
+
+
+@dataclass
+class _TrainingState:
+    """What a fit learned and caches; shared (read-only) between a model and its variants."""
+
+    features: torch.Tensor | None  # (N, P, D); None for a model loaded from a bundle
+    names: list[str]
+    sizes: list[tuple[int, int]]
+    neighbours: NeighbourCache | None = None
+    scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # discriminator key -> (N, P)
+    projections: dict[tuple, np.ndarray] = field(default_factory=dict)  # (dim, seed) -> (N*P, dim)
+    coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
+
+
+def _feature_key(config: SoftPatchConfig) -> str:
+    relevant = {k: v for k, v in config.to_dict().items() if k in FEATURE_FIELDS}
+    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
+
+
+def build_extractor(config: SoftPatchConfig, device: torch.device) -> FeatureExtractor:
+    """The backbone + patch feature module for ``config`` on ``device`` (the app caches this)."""
+    extractor = FeatureExtractor(create_backbone(config), config)
+    return extractor.to(device).to(memory_format=torch.channels_last)
+
+
+class SoftPatch:
+    """SoftPatch (seeds/000): PatchCore whose memory bank is denoised patch by patch.
+
+    ``fit`` extracts patch features, scores every patch with a noise discriminator against the same
+    position in the other images, removes the top ``tau``, picks a coreset of the rest, and keeps each
+    kept patch's outlier score as a soft weight. ``score`` returns, per test image, the maximum over its
+    patches of ``W(m*) * ||p - m*||`` (eq. 8). Higher scores = more anomalous.
+    """
+
+    def __init__(self, config: SoftPatchConfig | None = None, *, extractor: FeatureExtractor | None = None) -> None:
+        self.config = config if config is not None else SoftPatchConfig()
+        self._extractor = extractor
+        self._state: _TrainingState | None = None
+        self._bank: MemoryBank | None = None
+        self._bank_key: tuple | None = None
+        self.threshold_: float | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, images: Sequence[ImageInput], *, progress: ProgressCallback | None = None) -> SoftPatch:
+        """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self."""
+        if len(images) == 0:
+            raise SoftPatchError("no training images to fit on")
+        self.device_ = resolve_device(self.config.device)
+        grid = self._get_extractor().grid_shape(self.config.crop)
+        estimate = estimate_fit_memory(self.config, len(images), grid)
+        available = available_memory(torch.device("cpu"))
+        if estimate.total_bytes > available:
+            raise ResourceError(estimate.refusal_message(available))
+        return self.fit_embeddings(self.embed(images, progress=progress), progress=progress)
+
+    def fit_embeddings(
+        self, embeddings: Embeddings, *, build_memory_bank: bool = True, progress: ProgressCallback | None = None
+    ) -> SoftPatch:
+        """Fit on training features from ``embed`` (denoising, coreset, soft weights). Returns self.
+
+        ``build_memory_bank=False`` stops after the noise scores (enough for vetting); the bank is then
+        built on first use.
+        """
+        if len(embeddings) == 0:
+            raise SoftPatchError("no training images to fit on")
+        if embeddings.feature_key != _feature_key(self.config):
+            raise SoftPatchError("these embeddings were computed with other feature settings than this model's")
+        self.device_ = resolve_device(self.config.device)
+        self.grid_shape_ = self._get_extractor().grid_shape(self.config.crop)
+        self._state = _TrainingState(features=embeddings.features, names=embeddings.names, sizes=embeddings.sizes)
+        self._invalidate_bank()
+        self.threshold_ = None
+        self._ensure_scores(progress)
+        if build_memory_bank:
+            self.build_memory_bank(progress)
+        return self
+
+    def retune(self, *, progress: ProgressCallback | None = None, **changes: object) -> SoftPatch:
+        """Change denoising or memory-bank settings on a fitted model without re-reading images. Returns self.
+
+        Changing ``tau`` only re-thresholds cached scores; ``lof_k`` re-scores from cached neighbours; the
+        memory bank is rebuilt lazily, on the next ``score`` or ``build_memory_bank``.
+        """
+        state = self._check_fitted()
+        bad = sorted(set(changes) - RETUNE_FIELDS)
+        if bad:
+            feature = [b for b in bad if b in FEATURE_FIELDS]
+            if feature:
+                raise SoftPatchError(f"changing {', '.join(feature)} changes the features: fit again instead")
+            raise SoftPatchError(f"unknown settings: {', '.join(bad)}")
+        new_config = self.config.replace(**changes)
+        if state.features is None and self._denoising_key(new_config) != self._denoising_key(self.config):
+            raise SoftPatchError(
+                "this model was loaded from a bundle without its training features: fit again to re-tune"
+            )
+        self.config = new_config
+        if "device" in changes:
+            self.device_ = resolve_device(new_config.device)
+        if state.features is not None:
+            self._ensure_scores(progress)
+        return self
+
+    def variant(self, **changes: object) -> SoftPatch:
+        """A re-tuned copy sharing this model's features and caches; this model is left unchanged."""
+        self._check_fitted()
+        clone = copy.copy(self)
+        clone._bank = None
+        clone._bank_key = None
+        return clone.retune(**changes)
+
+    # ------------------------------------------------------------------ features
+    def _get_extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = build_extractor(self.config, resolve_device(self.config.device))
+        self._extractor.precision = self.config.precision
+        return self._extractor
+
+    def embed(self, images: Sequence[ImageInput], *, progress: ProgressCallback | None = None) -> Embeddings:
+        """Patch features ``(n, P, D)`` of ``images``, in batches, on the configured device."""
+        self.device_ = getattr(self, "device_", None) or resolve_device(self.config.device)
+        extractor = self._get_extractor()
+        transform = self.transform_
+        grid = extractor.grid_shape(self.config.crop)
+        n = len(images)
+        names = [_name_of(img, i) for i, img in enumerate(images)]
+        out = torch.empty(n, grid[0] * grid[1], self.config.feature_dim, dtype=torch.float32)
+        sizes: list[tuple[int, int]] = []
+        done = 0
+        batch_size = self.config.batch_size
+        report(progress, 0.0, f"features: 0/{n} images")
+        for batch, batch_sizes in _load_batches(images, transform, batch_size):
+            sizes.extend(batch_sizes)
+            out[done : done + len(batch)] = self._forward_with_fallback(extractor, batch)
+            done += len(batch)
+            report(progress, done / n, f"features: {done}/{n} images")
+        return Embeddings(out, names, sizes, _feature_key(self.config))
+
+    def _forward_with_fallback(self, extractor: FeatureExtractor, batch: torch.Tensor) -> torch.Tensor:
+        """Run a batch; on a GPU out-of-memory, retry in halves, then on the CPU, keeping work already done."""
+        device = next(extractor.parameters()).device
+        try:
+            return extractor(batch.to(device, non_blocking=True)).cpu()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch.shape[0] > 1:
+                half = batch.shape[0] // 2
+                return torch.cat(
+                    [
+                        self._forward_with_fallback(extractor, batch[:half]),
+                        self._forward_with_fallback(extractor, batch[half:]),
+                    ]
+                )
+            warnings.warn("the GPU ran out of memory even for one image: continuing on the CPU", stacklevel=2)
+            extractor.to("cpu")
+            self.device_ = torch.device("cpu")
+            return extractor(batch).cpu()
+
+    # ------------------------------------------------------------------ denoising
+    def _params(self, config: SoftPatchConfig | None = None) -> DiscriminatorParams:
+        config = config or self.config
+        n = len(self._state.names) if self._state else 0
+        return DiscriminatorParams(
+            lof_k=max(1, effective_lof_k(config.lof_k, n)) if n >= 2 else config.lof_k,
+            gaussian_reg=config.gaussian_reg,
+            fusion=config.fusion,
+        )
+
+    def _score_key(self, config: SoftPatchConfig) -> tuple:
+        members = config.fusion if config.discriminator == "fusion" else (config.discriminator,)
+        key: tuple = (config.discriminator,)
+        if "lof" in members:
+            key += ("k", min(config.lof_k, max(1, len(self._state.names) - 1)))
+        if "gaussian" in members:
+            key += ("reg", config.gaussian_reg)
+        if config.discriminator == "fusion":
+            key += ("members", config.fusion)
+        return key
+
+    def _denoising_key(self, config: SoftPatchConfig) -> tuple:
+        return (self._score_key(config), config.tau, config.tau_scope)
+
+    def _ensure_scores(self, progress: ProgressCallback | None) -> torch.Tensor:
+        """The current discriminator's ``(N, P)`` scores, computed once per setting and cached."""
+        state = self._check_fitted()
+        key = self._score_key(self.config)
+        if key in state.scores:
+            return state.scores[key]
+        n, p = len(state.names), self.grid_shape_[0] * self.grid_shape_[1]
+        if n < 2 or not DISCRIMINATORS[self.config.discriminator].denoises:
+            if n < 2 and DISCRIMINATORS[self.config.discriminator].denoises:
+                warnings.warn("denoising needs at least 2 training images: no patch is removed", stacklevel=2)
+            state.scores[key] = torch.ones(n, p)
+            return state.scores[key]
+        params = self._params()
+        budget = work_budget(self.device_)
+        if state.neighbours is None or state.neighbours.k < min(params.lof_k, n - 1):
+            k = max(NEIGHBOUR_CACHE_K, params.lof_k)
+            state.neighbours = compute_neighbours(
+                state.features, k, device=self.device_, budget_bytes=budget, progress=progress
+            )
+        features = state.features if needs_features(self.config.discriminator, params) else None
+        state.scores[key] = score_patches(
+            self.config.discriminator,
+            params,
+            state.neighbours,
+            features,
+            device=self.device_,
+            budget_bytes=budget,
+            progress=progress,
+        )
+        return state.scores[key]
+
+    def _removed_flat(self) -> np.ndarray:
+        scores = self._ensure_scores(None).numpy()
+        if not DISCRIMINATORS[self.config.discriminator].denoises or scores.shape[0] < 2:
+            return np.zeros(scores.shape, dtype=bool)
+        return select_removed(scores, self.config.tau, self.config.tau_scope)
+
+    # ------------------------------------------------------------------ memory bank
+    def _invalidate_bank(self) -> None:
+        self._bank = None
+        self._bank_key = None
+
+    def _bank_settings(self) -> tuple:
+        c = self.config
+        return (self._denoising_key(c), c.soft_weight, c.coreset, c.coreset_ratio, c.projection_dim, c.seed)
+
+    def build_memory_bank(self, progress: ProgressCallback | None = None) -> MemoryBank:
+        """The memory bank for the current settings: denoised, coreset-sampled, soft-weighted. Cached."""
+        state = self._check_fitted()
+        key = self._bank_settings()
+        if self._bank is not None and (self._bank_key == key or state.features is None):
+            return self._bank
+        scores = self._ensure_scores(progress).numpy()
+        removed = self._removed_flat().reshape(-1)
+        kept = np.flatnonzero(~removed)
+        if kept.size == 0:
+            raise SoftPatchError("every training patch was removed: lower tau")
+        c = self.config
+        selection_key = (
+            hashlib.sha256(removed.tobytes()).hexdigest(),
+            c.coreset,
+            c.coreset_ratio,
+            c.projection_dim,
+            c.seed,
+        )
+        chosen = state.coresets.get(selection_key)
+        if chosen is None:
+            flat = state.features.reshape(-1, state.features.shape[-1])
+            if c.coreset == "greedy" and c.coreset_ratio < 1.0:
+                projected = state.projections.get((c.projection_dim, c.seed))
+                if projected is None:
+                    report(progress, 0.0, "coreset: projecting patches")
+                    projected = random_projection(flat, c.projection_dim, c.seed)
+                    state.projections[(c.projection_dim, c.seed)] = projected
+                source = torch.from_numpy(projected[kept])
+                # Already projected: the sampler's own projection would be the identity here.
+                local = select_coreset(
+                    source,
+                    method="greedy",
+                    ratio=c.coreset_ratio,
+                    projection_dim=source.shape[1],
+                    seed=c.seed,
+                    progress=progress,
+                )
+            else:
+                local = select_coreset(
+                    torch.empty(kept.size, 0), method=c.coreset, ratio=c.coreset_ratio, projection_dim=0, seed=c.seed
+                )
+            chosen = kept[local]
+            state.coresets[selection_key] = chosen
+        flat = state.features.reshape(-1, state.features.shape[-1])
+        denoises = DISCRIMINATORS[c.discriminator].denoises and len(state.names) >= 2
+        if c.soft_weight and denoises:
+            weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
+        else:
+            weights = torch.ones(chosen.size)
+        p = self.grid_shape_[0] * self.grid_shape_[1]
+        positions = chosen % p
+        provenance = np.stack([chosen // p, positions // self.grid_shape_[1], positions % self.grid_shape_[1]], axis=1)
+        self._bank = MemoryBank(flat[torch.from_numpy(chosen)].clone(), weights.float(), provenance.astype(np.int64))
+        self._bank_key = key
+        report(progress, 1.0, f"coreset: memory bank of {chosen.size} patches ready")
+        return self._bank
+
+    @property
+    def memory_bank_(self) -> MemoryBank:
+        return self.build_memory_bank()
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self,
+        images: Sequence[ImageInput] | Embeddings,
+        *,
+        with_maps: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreResult:
+        """Score test images (or precomputed ``Embeddings``); higher = more anomalous."""
+        self._check_fitted()
+        embeddings = images if isinstance(images, Embeddings) else self.embed(images, progress=progress)
+        if embeddings.feature_key != _feature_key(self.config):
+            raise SoftPatchError("these embeddings were computed with other feature settings than this model's")
+        bank = self.build_memory_bank()
+        n, p, d = embeddings.features.shape
+        patch_scores = torch.empty(n, p)
+        step = max(1, 65536 // max(p, 1))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            match = bank.search(embeddings.features[start:stop].reshape(-1, d), self.device_)
+            weighted = bank.weights[match.index] * match.distance
+            patch_scores[start:stop] = weighted.reshape(stop - start, p)
+            report(progress, stop / n, f"scoring: {stop}/{n} images")
+        grid_scores = patch_scores.reshape(n, *self.grid_shape_)
+        maps = None
+        if with_maps:
+            maps = anomaly_maps(grid_scores, self.config.crop, self.config.blur_sigma).numpy()
+        return ScoreResult(
+            image_scores=grid_scores.reshape(n, -1).max(dim=1).values.numpy(),
+            patch_scores=grid_scores.numpy(),
+            anomaly_maps=maps,
+            names=embeddings.names,
+            sizes=embeddings.sizes,
+        )
+
+    # ------------------------------------------------------------------ what the app shows
+    def _check_fitted(self) -> _TrainingState:
+        if self._state is None:
+            raise NotFittedError("this SoftPatch model is not fitted yet: call fit first")
+        return self._state
+
+    @property
+    def transform_(self) -> ImageTransform:
+        """The resize/crop/normalise geometry; also maps anomaly maps back onto the original images."""
+        return ImageTransform(self.config.resize, self.config.crop)
+
+    @property
+    def train_names_(self) -> list[str]:
+        return self._check_fitted().names
+
+    @property
+    def train_sizes_(self) -> list[tuple[int, int]]:
+        return self._check_fitted().sizes
+
+    @property
+    def train_features_(self) -> torch.Tensor:
+        features = self._check_fitted().features
+        if features is None:
+            raise SoftPatchError("this model was loaded from a bundle and has no training features")
+        return features
+
+    @property
+    def outlier_scores_(self) -> np.ndarray:
+        """``(N, H, W)`` outlier score of every training patch under the current discriminator."""
+        return self._ensure_scores(None).numpy().reshape(-1, *self.grid_shape_)
+
+    @property
+    def removed_mask_(self) -> np.ndarray:
+        """``(N, H, W)`` True where the patch is removed as noise under the current tau."""
+        self._check_fitted()
+        return self._removed_flat().reshape(-1, *self.grid_shape_)
+
+    @property
+    def removed_fraction_(self) -> np.ndarray:
+        return self.removed_mask_.reshape(len(self.train_names_), -1).mean(axis=1)
+
+    @property
+    def backbone_info_(self) -> BackboneInfo:
+        return backbone_info(self._get_extractor().backbone, self.config)
+
+    def vetting_report(self) -> VettingReport:
+        """Training images ranked by suspicion under the current discriminator."""
+        scores = self._ensure_scores(None).numpy()
+        suspicion = image_suspicion(scores)
+        ranking = np.argsort(-suspicion, kind="stable")
+        return VettingReport(list(self.train_names_), suspicion, self.removed_fraction_, ranking)
+
+
+def _name_of(image: object, index: int) -> str:
+    path = getattr(image, "path", None)  # ImageRecord
+    if path is not None:
+        return str(path)
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", "") or f"image_{index}"
+
+
+def _load_one(image: object) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = getattr(image, "path", image)
+    return load_image(Path(path) if not isinstance(path, (str, os.PathLike)) else path)
+
+
+def _load_batches(
+    images: Sequence[ImageInput], transform: object, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Decoded, transformed batches, decoding the next batch in threads while the current one runs."""
+
+    def prepare(chunk: Sequence[ImageInput]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            decoded = list(pool.map(_load_one, chunk))
+        return torch.stack([transform(img) for img in decoded]), [img.size for img in decoded]
+
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        pending = prefetch.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            current = pending.result()
+            pending = prefetch.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield current

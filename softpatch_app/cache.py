@@ -1,0 +1,123 @@
+"""Streamlit caches: backbones (``st.cache_resource``, shared by sessions, read-only) and decoded images /
+embeddings (``st.cache_data``), keyed so that a new folder, file or setting is never served stale results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from softpatch.config import SoftPatchConfig
+from softpatch.device import resolve_device
+from softpatch.images import load_image
+from softpatch.limits import LoadLimits
+from softpatch_app.imaging import png_bytes, thumbnail
+
+
+def file_token(path: str | os.PathLike | None) -> tuple:
+    """(path, mtime_ns, size): part of every cache key that depends on a file's content."""
+    if not path:
+        return ("", 0, 0)
+    try:
+        st_ = os.stat(path)
+        return (str(Path(path).resolve()), st_.st_mtime_ns, st_.st_size)
+    except OSError:
+        return (str(path), 0, 0)
+
+
+def extractor_key(config: SoftPatchConfig) -> tuple:
+    """Everything that decides a backbone + feature module: name, stages, kwargs, weights and where they
+    come from (a weights file by path, mtime and size), feature size, window, precision and device."""
+    return (
+        config.backbone,
+        tuple(config.layers),
+        json.dumps(config.backbone_kwargs, sort_keys=True),
+        config.weights_source,
+        file_token(config.weights) if config.weights else ("", 0, 0),
+        config.feature_dim,
+        config.patch_size,
+        config.precision,
+        str(resolve_device(config.device)),
+    )
+
+
+@st.cache_resource(max_entries=3, show_spinner=False)
+def _extractor(key: tuple, _config: SoftPatchConfig):
+    from softpatch.model import build_extractor
+
+    return build_extractor(_config, resolve_device(_config.device))
+
+
+def get_extractor(config: SoftPatchConfig):
+    """The feature extractor for ``config``, built once per process and shared (read-only) by all sessions.
+
+    Raises ``WeightsError`` (not cached) when the weights cannot be had, so a fixed setting is retried.
+    """
+    return _extractor(extractor_key(config), config)
+
+
+@st.cache_data(max_entries=4000, show_spinner=False)
+def _thumbnail_png(token: tuple, px: int, max_pixels: int) -> bytes:
+    image = load_image(token[0], LoadLimits(max_image_pixels=max_pixels))
+    return png_bytes(thumbnail(image, px))
+
+
+def thumbnail_png(path: str | os.PathLike, px: int = 160, limits: LoadLimits | None = None) -> bytes:
+    limits = limits or LoadLimits()
+    return _thumbnail_png(file_token(path), px, limits.max_image_pixels)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _image(token: tuple, max_pixels: int) -> Image.Image:
+    return load_image(token[0], LoadLimits(max_image_pixels=max_pixels))
+
+
+def load_rgb(path: str | os.PathLike, limits: LoadLimits | None = None) -> Image.Image:
+    """A decoded RGB image, cached by (path, mtime, size)."""
+    limits = limits or LoadLimits()
+    return _image(file_token(path), limits.max_image_pixels)
+
+
+@st.cache_data(max_entries=20000, show_spinner=False)
+def _image_size(token: tuple) -> tuple[int, int]:
+    with Image.open(token[0]) as im:  # header only
+        return im.size
+
+
+def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
+    """(width, height) of each image, read from the file header (cached)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(_image_size(file_token(p)))
+        except Exception:
+            out.append((0, 0))
+    return out
+
+
+def feature_token(config: SoftPatchConfig) -> str:
+    """Fingerprint of the settings that decide patch features (and of the weights file's content token)."""
+    from softpatch.model import FEATURE_FIELDS
+
+    data = config.to_dict()
+    key = json.dumps({k: data[k] for k in sorted(FEATURE_FIELDS)}, sort_keys=True, default=str)
+    return key + repr(file_token(config.weights) if config.weights else "")
+
+
+def mask_for(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask (bool, h x w) resized to ``size`` (w, h) when needed; all False without a mask."""
+    w, h = size
+    if not path:
+        return np.zeros((h, w), dtype=bool)
+    from softpatch.images import load_mask
+
+    mask = load_mask(path)
+    if mask.shape != (h, w):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    return mask

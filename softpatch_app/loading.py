@@ -1,0 +1,259 @@
+"""Loading a training or test set four ways (browser folder, zip, server folder, demo) into a session.
+
+IO glue only: uploads go through ``softpatch.uploads.save_uploads`` (zips through
+``softpatch.safezip.extract_zip``) into the session's own workspace folder; folders are read with
+``softpatch.data.scan_images`` / ``load_mvtec``. Every refusal is a ``DataError`` with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from softpatch.data import ImageFolder, ImageRecord, SkippedFile, is_hidden_name, load_mvtec, scan_images
+from softpatch.demo import DemoManifest, generate_demo_dataset, load_demo_manifest
+from softpatch.errors import DataError
+from softpatch.images import IMAGE_EXTENSIONS
+from softpatch.limits import LoadLimits
+from softpatch.safezip import extract_zip
+from softpatch.uploads import save_uploads
+from softpatch.workspace import Workspace
+
+SOURCES = ("demo", "browser folder", "zip", "server folder")
+
+
+@dataclass
+class LoadedSplit:
+    """A loaded training or test set, with where it came from."""
+
+    folder: ImageFolder
+    source: str  # one of SOURCES (+ " + added images")
+    description: str  # e.g. "battery_weld (server folder)"
+    labelled: bool = False  # test sets: whether good/defective labels are known (from folder names)
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        return self.folder.records
+
+    @property
+    def skipped(self) -> list[SkippedFile]:
+        return self.folder.skipped
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    @property
+    def n_masks(self) -> int:
+        return sum(r.mask_path is not None for r in self.folder.records)
+
+    @property
+    def n_defective(self) -> int:
+        return sum(r.label == 1 for r in self.folder.records)
+
+
+@dataclass
+class LoadResult:
+    """What one load produced: a training set and, for MVTec-style folders, a labelled test set."""
+
+    name: str
+    train: LoadedSplit | None = None
+    test: LoadedSplit | None = None
+    demo: DemoManifest | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- folder layouts
+
+
+def is_mvtec_root(root: Path) -> bool:
+    return (root / "train" / "good").is_dir()
+
+
+def _dataset_name(root: Path) -> str:
+    if root.name in ("good",) and root.parent.name == "train":
+        return root.parent.parent.name or root.name
+    return root.name or str(root)
+
+
+def read_training_folder(root: Path, *, limits: LoadLimits, source: str, label: str) -> LoadResult:
+    """A training set from ``root``: an MVTec category (train/good + test) or any folder of images."""
+    root = Path(root)
+    if is_mvtec_root(root):
+        ds = load_mvtec(root, limits=limits)
+        result = LoadResult(name=ds.name)
+        result.train = LoadedSplit(ds.train, source, f"{label} · train/good")
+        if len(ds.test):
+            result.test = LoadedSplit(ds.test, source, f"{label} · test", labelled=True)
+            result.notes.append(
+                f"Found an MVTec-style folder: {len(ds.train)} training images and {len(ds.test)} labelled test "
+                "images were loaded together."
+            )
+        result.demo = load_demo_manifest(root)
+        return result
+    folder = scan_images(root, limits=limits)
+    return LoadResult(name=_dataset_name(root), train=LoadedSplit(folder, source, label))
+
+
+def _mask_candidates(gt_dir: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    if gt_dir.is_dir():
+        for path in sorted(gt_dir.rglob("*")):
+            if path.is_file() and not is_hidden_name(path.name):
+                index[path.relative_to(gt_dir).as_posix().lower()] = path
+    return index
+
+
+def _match_mask(rel: PurePosixPath, masks: dict[str, Path]) -> Path | None:
+    """MVTec naming: ``<stem>_mask.png``; also the same file name, or the same stem with any image extension."""
+    parent, stem = rel.parent, rel.stem
+    options = [parent / f"{stem}_mask{ext}" for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
+    options.append(rel)
+    options.extend(parent / f"{stem}{ext}" for ext in (".png", *sorted(IMAGE_EXTENSIONS)))
+    for option in options:
+        hit = masks.get(str(option).lower())
+        if hit is not None:
+            return hit
+    return None
+
+
+def read_test_folder(root: Path, *, limits: LoadLimits, source: str, label: str) -> LoadedSplit:
+    """A test set from ``root``.
+
+    Accepted layouts: an MVTec category (its ``test/`` and ``ground_truth/``); a folder with ``test/``;
+    a folder of class subfolders (``good/`` = defect-free, any other name = defective) with masks in a
+    ``ground_truth/<class>/`` folder inside it or next to it; or a flat folder of images (no labels).
+    """
+    root = Path(root)
+    if is_mvtec_root(root):
+        ds = load_mvtec(root, limits=limits)
+        if not len(ds.test):
+            raise DataError(f"{root} has no test/ images")
+        return LoadedSplit(ds.test, source, label, labelled=True)
+    test_dir = root / "test" if (root / "test").is_dir() else root
+    gt_base = next((p for p in (test_dir / "ground_truth", test_dir.parent / "ground_truth") if p.is_dir()), None)
+    classes = sorted(
+        p for p in test_dir.iterdir() if p.is_dir() and not is_hidden_name(p.name) and p.name != "ground_truth"
+    )
+    loose = [p for p in test_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not classes or loose:
+        folder = scan_images(test_dir, limits=limits)
+        labelled = False
+        return LoadedSplit(folder, source, label, labelled=labelled)
+    records: list[ImageRecord] = []
+    skipped: list[SkippedFile] = []
+    for class_dir in classes:
+        try:
+            part = scan_images(class_dir, limits=limits)
+        except DataError as exc:
+            skipped.append(SkippedFile(f"{class_dir.name}/", str(exc)))
+            continue
+        defect = class_dir.name
+        is_good = defect.lower() in ("good", "ok", "normal", "nominal")
+        masks = {} if is_good or gt_base is None else _mask_candidates(gt_base / defect)
+        for r in part.records:
+            rel = PurePosixPath(r.relpath or r.path.name)
+            mask = _match_mask(rel, masks) if masks else None
+            records.append(
+                ImageRecord(
+                    path=r.path,
+                    label=0 if is_good else 1,
+                    defect="good" if is_good else defect,
+                    mask_path=mask,
+                    relpath=f"{defect}/{rel}",
+                )
+            )
+        skipped.extend(SkippedFile(f"{defect}/{s.path}", s.reason) for s in part.skipped)
+    if not records:
+        raise DataError(f"no readable test images in {test_dir}")
+    labelled = any(r.label == 1 for r in records) or any(r.defect == "good" for r in records)
+    return LoadedSplit(ImageFolder(test_dir, records, skipped), source, label, labelled=labelled)
+
+
+# ------------------------------------------------------------------------------------------- the four ways
+
+
+def check_server_path(raw: str, allowed_roots: tuple[Path, ...]) -> Path:
+    """A folder path typed by the user, checked: exists, is a folder, inside the allowed roots if any."""
+    text = (raw or "").strip().strip('"').strip("'")
+    if not text:
+        raise DataError("type the path of a folder on the server first")
+    path = Path(os.path.expanduser(text)).resolve()
+    if allowed_roots and not any(path == r or r in path.parents for r in allowed_roots):
+        shown = ", ".join(str(r) for r in allowed_roots)
+        raise DataError(f"{path} is outside the folders this server allows (SOFTPATCH_SERVER_ROOTS: {shown})")
+    if not path.exists():
+        raise DataError(f"folder not found on the server: {path}")
+    if not path.is_dir():
+        raise DataError(f"{path} is a file, not a folder; give the folder that contains the images")
+    return path
+
+
+def save_browser_files(files, workspace: Workspace, slot: str, limits: LoadLimits) -> tuple[Path, list[SkippedFile]]:
+    """Save Streamlit ``UploadedFile`` objects (a folder upload, loose files or zips) into the workspace."""
+    if not files:
+        raise DataError("no files were uploaded")
+    dest = workspace.subdir(slot)
+    pairs = ((f.name, f.getvalue()) for f in files)
+    root, skipped = save_uploads(pairs, dest, limits=limits)
+    return root, skipped
+
+
+def save_zip(uploaded, workspace: Workspace, slot: str, limits: LoadLimits) -> tuple[Path, list[SkippedFile]]:
+    """Extract one uploaded .zip into the workspace (safely: see ``softpatch.safezip``)."""
+    if uploaded is None:
+        raise DataError("no zip file was uploaded")
+    data = uploaded.getvalue()
+    if len(data) > limits.max_upload_bytes:
+        raise DataError(
+            f"{uploaded.name} is {len(data) / 2**20:.1f} MB, over the upload limit of "
+            f"{limits.max_upload_bytes / 2**20:.0f} MB"
+        )
+    result = extract_zip(data, workspace.subdir(slot), limits=limits)
+    if not result.extracted:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in result.skipped[:3])
+        raise DataError(f"{uploaded.name} contains no usable files" + (f" ({reasons})" if reasons else ""))
+    from softpatch.safezip import single_folder_root
+
+    return single_folder_root(result.root, list(result.extracted)), list(result.skipped)
+
+
+def load_demo(workspace: Workspace, *, limits: LoadLimits, seed: int = 0) -> LoadResult:
+    """The built-in demo data (generated into the session's workspace: ~1 s, nothing downloaded)."""
+    root = generate_demo_dataset(workspace.subdir("demo") / f"softpatch-demo-{seed}", seed=seed)
+    result = read_training_folder(root, limits=limits, source="demo", label="built-in demo (synthetic discs)")
+    result.name = "softpatch demo"
+    result.demo = load_demo_manifest(root)
+    return result
+
+
+def with_upload_skips(split: LoadedSplit, upload_skipped: list[SkippedFile]) -> LoadedSplit:
+    """Add the files the upload step refused to the split's skipped list (so the user sees all of them)."""
+    if upload_skipped:
+        split.folder.skipped = list(upload_skipped) + list(split.folder.skipped)
+    return split
+
+
+def add_training_images(split: LoadedSplit, extra: ImageFolder, tag: str = "added") -> LoadedSplit:
+    """Append images (e.g. a few suspected defects) to a training set; their names start with ``tag/``."""
+    existing = {r.name for r in split.records}
+    records = list(split.records)
+    for r in extra.records:
+        name = f"{tag}/{r.relpath or r.path.name}"
+        i = 1
+        while name in existing:
+            i += 1
+            name = f"{tag}-{i}/{r.relpath or r.path.name}"
+        existing.add(name)
+        records.append(ImageRecord(path=r.path, label=r.label, defect=r.defect, mask_path=r.mask_path, relpath=name))
+    skipped = list(split.skipped) + [SkippedFile(f"{tag}/{s.path}", s.reason) for s in extra.skipped]
+    folder = ImageFolder(split.folder.root, records, skipped)
+    source = split.source if split.source.endswith("+ added images") else f"{split.source} + added images"
+    return LoadedSplit(folder, source, split.description, split.labelled)
+
+
+def without(split: LoadedSplit, names: set[str]) -> LoadedSplit:
+    """The split minus the images whose display names are in ``names`` (e.g. those marked defective)."""
+    records = [r for r in split.records if r.name not in names]
+    folder = ImageFolder(split.folder.root, records, list(split.skipped))
+    return LoadedSplit(folder, split.source, split.description, split.labelled)

@@ -1,0 +1,128 @@
+"""Gathering a session's results into the stakeholder report (drawing only; every number is the core's)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from softpatch_app import plots, services
+from softpatch_app.embedding import layout_2d
+from softpatch_app.report import ReportContent, ReportImage, build_report
+from softpatch_app.state import SessionData
+from softpatch_app.views import detection_overlay, geometry, outlier_heatmap, removed_overlay, score_range
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "n/a"
+
+
+def build_session_report(session: SessionData, detection, *, device: str, progress=None) -> str:
+    model = session.model
+    c = model.config
+    vet = services.vetting(session)
+    removed = vet.removed_mask
+    settings = {
+        "Dataset": session.dataset_name,
+        "Training images": len(vet.names),
+        "Device": device,
+        "Backbone": f"{c.backbone} (stages {list(c.layers)}), weights: {c.weights_source}",
+        "Image size": f"resize {c.resize}, centre crop {c.crop}",
+        "Noise discriminator": c.discriminator,
+        "tau (share of patches removed)": f"{c.tau:.2f}",
+        "LOF neighbours k": c.lof_k,
+        "Coreset": f"{c.coreset}, ratio {c.coreset_ratio:g}",
+        "Soft weights": "on" if c.soft_weight else "off",
+    }
+    content = ReportContent(dataset=session.dataset_name, settings=settings)
+    content.summary = {
+        "training images": str(len(vet.names)),
+        "patches removed as noise": f"{int(removed.sum()):,}",
+        "images marked defective in review": str(sum(v == "defective" for v in session.labels.values())),
+    }
+    if session.demo is not None:
+        k = len(session.demo.contaminants)
+        top = {vet.names[i].rsplit("/", 1)[-1] for i in vet.ranking[:k]}
+        content.notes.append(
+            f"Demo data: SoftPatch ranked {len(top & session.demo.contaminant_names)} of the {k} planted defective "
+            f"training images in its top {k}."
+        )
+    geom = geometry(model)
+    vrange = score_range(vet.outlier_scores)
+    for rank, i in enumerate(vet.ranking[:6], start=1):
+        i = int(i)
+        label = session.labels.get(vet.names[i])
+        content.removed_examples.append(
+            ReportImage(
+                f"#{rank} {vet.names[i]} · suspicion {vet.suspicion[i]:.2f} · {vet.removed_fraction[i]:.0%} removed"
+                + (f" · reviewed: {label}" if label else ""),
+                [
+                    removed_overlay(vet.paths[i], removed[i], geom, px=320),
+                    outlier_heatmap(vet.paths[i], vet.outlier_scores[i], geom, vrange, px=320),
+                ],
+            )
+        )
+    view = services.coreset_view(session, 1500, progress=progress)
+    xy = layout_2d(view.points, "t-SNE")
+    content.coreset_figure = services.coreset_figure(view, xy, "status")
+
+    if detection is not None:
+        soft, base = detection.softpatch, detection.patchcore
+        threshold = session.threshold
+        if threshold is None:
+            threshold, _ = services.default_threshold(detection.labels, soft.image_scores)
+        maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
+        hrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
+        order = np.argsort(-soft.image_scores, kind="stable")
+        for k in [int(j) for j in order[:6]]:
+            images = [
+                detection_overlay(
+                    detection.paths[k],
+                    soft.anomaly_maps[k],
+                    model.transform_,
+                    alpha=0.5,
+                    vrange=hrange,
+                    threshold=threshold,
+                    px=320,
+                )
+            ]
+            caption = f"{detection.names[k]} · SoftPatch {soft.image_scores[k]:.2f}"
+            if base is not None:
+                images.append(
+                    detection_overlay(
+                        detection.paths[k],
+                        base.anomaly_maps[k],
+                        model.transform_,
+                        alpha=0.5,
+                        vrange=hrange,
+                        threshold=None,
+                        px=320,
+                    )
+                )
+                caption += f" · PatchCore {base.image_scores[k]:.2f} (right)"
+            content.heatmaps.append(ReportImage(caption, images))
+        labels = detection.labels
+        if labels is not None and 0 < int(labels.sum()) < len(labels):
+            table = services.evaluate(detection, model.transform_)
+            content.metrics = {name: {k: _fmt(v) for k, v in row.items()} for name, row in table.items()}
+            curves = {
+                name: (*services.roc_points(labels, r.image_scores), table[name]["image AUROC"])
+                for name, r in (("SoftPatch", soft), ("PatchCore", base))
+                if r is not None and isinstance(table[name]["image AUROC"], float)
+            }
+            content.figures.append(("ROC curve", plots.roc_figure(curves)))
+            content.figures.append(
+                ("Scores per class", plots.score_histogram(soft.image_scores, labels, threshold=threshold))
+            )
+            from softpatch import metrics
+
+            conf = metrics.confusion_at(labels, soft.image_scores, threshold)
+            content.figures.append(("Confusion matrix", plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn)))
+            content.threshold = {
+                "Threshold": f"{threshold:.4f}",
+                "Chosen by": session.threshold_method or "default (best F1)",
+                "False-alarm rate": f"{conf.fpr:.1%} ({conf.fp} of {conf.fp + conf.tn} good images)",
+                "Miss rate": f"{conf.fnr:.1%} ({conf.fn} of {conf.fn + conf.tp} defective images)",
+            }
+            content.summary["test image AUROC (SoftPatch)"] = _fmt(table["SoftPatch"]["image AUROC"])
+        else:
+            content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": session.threshold_method or "default"}
+    return build_report(content)

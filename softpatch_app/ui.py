@@ -1,0 +1,116 @@
+"""Small shared widgets: the sidebar, notices, 'what to do next' hints and image grids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+from PIL import Image
+
+from softpatch.device import describe_device, resolve_device
+from softpatch_app.guard import message_for
+from softpatch_app.settings import WEIGHT_MODE_LABELS
+from softpatch_app.state import SessionData
+
+PAGES = {
+    "data": "pages/1_data.py",
+    "denoise": "pages/2_denoise.py",
+    "review": "pages/3_review.py",
+    "coreset": "pages/4_coreset.py",
+    "detect": "pages/5_detect.py",
+    "deploy": "pages/6_deploy.py",
+}
+
+
+def device_label(device: str) -> str:
+    try:
+        return describe_device(resolve_device(device))
+    except Exception as exc:
+        return f"unavailable ({message_for(exc)})"
+
+
+def sidebar(session: SessionData) -> None:
+    """Always visible: device, backbone + where its weights come from, and the dataset in use."""
+    s = session.settings
+    model = session.model
+    with st.sidebar:
+        st.markdown("### SoftPatch")
+        st.caption("Find defective images hiding in a 'good' training folder, then detect defects.")
+        st.markdown(f"**Device:** {device_label(s.device)}")
+        backbone = model.config.backbone if model is not None else s.backbone
+        mode = model.config.weights_source if model is not None else s.weights_mode
+        st.markdown(f"**Backbone:** `{backbone}`")
+        if mode == "pretrained":
+            st.markdown("**Weights:** pretrained (ImageNet)")
+        elif mode == "file":
+            path = model.config.weights if model is not None else s.weights_path
+            st.markdown(f"**Weights:** local file `{_short(path)}`")
+        else:
+            st.warning(
+                "**Weights: random.** Results only show how the workflow runs; they do not find real defects. "
+                "Set a weights file on the Denoise page.",
+                icon=":material/warning:",
+            )
+        if session.train is not None:
+            n_test = len(session.test) if session.test is not None else 0
+            st.markdown(
+                f"**Dataset:** {session.dataset_name}  \n{len(session.train)} training images"
+                + (f", {n_test} test images" if n_test else "")
+            )
+        else:
+            st.markdown("**Dataset:** none loaded")
+        if model is not None:
+            status = "fitted" if session.model_is_current else "fitted on earlier data: fit again"
+            st.markdown(f"**Model:** {status} · tau {model.config.tau:.2f}")
+        else:
+            st.markdown("**Model:** not fitted yet")
+
+
+def _short(path: str | None, keep: int = 38) -> str:
+    text = str(path or "")
+    return text if len(text) <= keep else "…" + text[-keep:]
+
+
+def show_notices(session: SessionData) -> None:
+    """Messages queued by an action on the previous run (shown once)."""
+    while session.notices:
+        kind, text = session.notices.pop(0)
+        getattr(st, kind if kind in ("error", "warning", "info", "success") else "info")(text)
+
+
+def need_data(session: SessionData) -> bool:
+    if session.train is None:
+        st.info("No training images yet: load a folder on the **Data** page.", icon=":material/folder_open:")
+        st.page_link(PAGES["data"], label="Go to Data", icon=":material/arrow_forward:")
+        return False
+    return True
+
+
+def need_model(session: SessionData) -> bool:
+    """True when a model fitted on the current data exists; otherwise say what to do."""
+    if not need_data(session):
+        return False
+    if session.model is None:
+        st.info("Fit SoftPatch first: it takes a few seconds on the **Denoise** page.", icon=":material/tune:")
+        st.page_link(PAGES["denoise"], label="Go to Denoise", icon=":material/arrow_forward:")
+        return False
+    if not session.model_is_current:
+        st.warning("The training data changed since the last fit: fit again on the **Denoise** page.")
+        st.page_link(PAGES["denoise"], label="Go to Denoise", icon=":material/arrow_forward:")
+        return False
+    return True
+
+
+def image_grid(images: Sequence[Image.Image | bytes], captions: Sequence[str], *, columns: int = 6) -> None:
+    """Images in rows of ``columns``, each with a caption."""
+    for start in range(0, len(images), columns):
+        cols = st.columns(columns)
+        for col, image, caption in zip(
+            cols, images[start : start + columns], captions[start : start + columns], strict=False
+        ):
+            with col:
+                st.image(image, caption=caption, width="stretch")
+
+
+def weights_mode_label(mode: str) -> str:
+    return WEIGHT_MODE_LABELS.get(mode, mode)

@@ -1,0 +1,68 @@
+"""Images the pages show, drawn from a fitted model's outputs (no computation of scores here)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from softpatch_app.cache import load_rgb
+from softpatch_app.imaging import Geometry, draw_outline, overlay_heatmap, overlay_mask, thumbnail
+
+
+def geometry(model) -> Geometry:
+    return Geometry.of(model.transform_, model.grid_shape_)
+
+
+def score_range(values: np.ndarray) -> tuple[float, float]:
+    """A robust colour scale shared by a set of maps: 1st to 99.9th percentile."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(np.percentile(v, 1)), float(np.percentile(v, 99.9))
+    return (lo, hi) if hi > lo else (lo, lo + 1e-6)
+
+
+def removed_overlay(path: str, removed_grid: np.ndarray, geom: Geometry, px: int | None = None) -> Image.Image:
+    """The training image with its removed patches tinted red (and outlined)."""
+    image = load_rgb(path)
+    if px:
+        image = thumbnail(image, px)
+    mask = geom.grid_mask_to_original(removed_grid, image.size)
+    return overlay_mask(image, mask)
+
+
+def outlier_heatmap(
+    path: str, scores_grid: np.ndarray, geom: Geometry, vrange: tuple[float, float], px: int | None = None
+) -> Image.Image:
+    """The training image under its patch outlier scores (blocky: one colour per patch), on a shared scale."""
+    image = load_rgb(path)
+    if px:
+        image = thumbnail(image, px)
+    values = geom.grid_values_to_original(scores_grid, image.size)
+    inside = geom.grid_mask_to_original(np.ones(geom.grid_shape, bool), image.size)
+    values = np.where(inside, values, vrange[0])
+    return overlay_heatmap(image, values, alpha=0.55, vmin=vrange[0], vmax=vrange[1])
+
+
+def detection_overlay(
+    path: str,
+    amap_crop: np.ndarray,
+    transform,
+    *,
+    alpha: float,
+    vrange: tuple[float, float],
+    threshold: float | None,
+    px: int | None = None,
+) -> Image.Image:
+    """A test image under its anomaly map (mapped back by the core's transform), region over threshold outlined."""
+    image = load_rgb(path)
+    if px:
+        image = thumbnail(image, px)
+    amap = transform.map_to_original(amap_crop, image.size)
+    out = overlay_heatmap(image, amap, alpha=alpha, vmin=vrange[0], vmax=vrange[1])
+    if threshold is not None and np.isfinite(threshold):
+        region = amap >= threshold
+        if region.any():
+            out = draw_outline(out, region)
+    return out

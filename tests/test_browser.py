@@ -1,0 +1,317 @@
+"""Real-browser test: ``streamlit run app.py`` headless, driven by Debian's chromium through Selenium.
+
+Walks the demo flow (data -> fit -> move tau -> open an image -> review -> coreset map -> detect heatmaps ->
+deploy) and saves a screenshot of every step to ``artifacts/screenshots/``. With
+``SOFTPATCH_UPDATE_SCREENSHOTS=1`` the screenshots are also copied to ``assets/screenshots/`` for the README.
+
+Set-up: ``scripts/install_browser.sh`` (run by this test) installs chromium, chromium-driver and selenium
+when missing; the test is skipped, with the reason, only if that is impossible on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+SHOTS = REPO / "artifacts" / "screenshots"
+README_SHOTS = REPO / "assets" / "screenshots"
+TIMEOUT = 240
+
+
+def _install_browser() -> str | None:
+    """Run the idempotent install script; returns a reason to skip, or None when the browser is ready."""
+    script = REPO / "scripts" / "install_browser.sh"
+    try:
+        done = subprocess.run(
+            ["bash", str(script), sys.executable], capture_output=True, text=True, timeout=900, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not run {script.name}: {exc}"
+    if done.returncode != 0:
+        return f"chromium could not be installed: {(done.stderr or done.stdout).strip()[-400:]}"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not importable after installation"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"streamlit exited early:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"streamlit did not become healthy:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    reason = _install_browser()
+    if reason:
+        pytest.skip(reason)
+    if not WEIGHTS.is_file():
+        pytest.skip(f"real weights not found at {WEIGHTS} (expected ../shared/weights next to the repository)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        SOFTPATCH_BACKBONE="mobilenetv1_100",
+        SOFTPATCH_WEIGHTS=str(WEIGHTS),
+        SOFTPATCH_BACKBONE_KWARGS='{"bn_eps": 0.001, "pad_type": "same"}',
+        SOFTPATCH_DEVICE="cpu",
+        SOFTPATCH_WORK_DIR=str(tmp_path_factory.mktemp("work")),
+    )
+    log = SHOTS.parent / "streamlit-browser-test.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "streamlit", "run", "app.py",
+                "--server.headless", "true",
+                "--server.port", str(port),
+                "--server.address", "127.0.0.1",
+                "--browser.gatherUsageStats", "false",
+            ],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def driver(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--hide-scrollbars",
+                "--window-size=1500,1250", "--force-device-scale-factor=1"):  # fmt: skip
+        options.add_argument(arg)
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary:
+        options.binary_location = binary
+    service = Service(shutil.which("chromedriver")) if shutil.which("chromedriver") else Service()
+    drv = webdriver.Chrome(options=options, service=service)
+    drv.set_page_load_timeout(60)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class App:
+    def __init__(self, driver, url: str) -> None:
+        self.d = driver
+        self.url = url
+
+    def by_css(self, css: str):
+        from selenium.webdriver.common.by import By
+
+        return self.d.find_elements(By.CSS_SELECTOR, css)
+
+    def idle(self, timeout: float = TIMEOUT) -> None:
+        """Wait until the script run is over (no 'running' indicator) and the page has settled."""
+        time.sleep(0.6)
+        deadline = time.monotonic() + timeout
+        quiet_since = None
+        while time.monotonic() < deadline:
+            running = self.d.execute_script(
+                "const w = document.querySelector('[data-testid=\"stStatusWidget\"]');"
+                "return !!(w && /running|stop/i.test(w.innerText));"
+            )
+            if running:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 1.0:
+                return
+            time.sleep(0.25)
+        raise AssertionError("the app kept running past the timeout")
+
+    def text(self) -> str:
+        return self.d.execute_script("return document.body.innerText")
+
+    def wait_text(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.text()
+            if re.search(pattern, body):
+                return body
+            time.sleep(0.3)
+        raise AssertionError(f"text {pattern!r} did not appear; page shows:\n{self.text()[-2000:]}")
+
+    def no_errors(self) -> None:
+        errors = [e.text for e in self.by_css('[data-testid="stException"]')]
+        assert not errors, f"a traceback reached the page: {errors}"
+        alerts = [e.text for e in self.by_css('[data-testid="stAlertContentError"]')]
+        assert not alerts, f"error messages on the page: {alerts}"
+
+    def button(self, label: str):
+        for b in self.by_css("button"):
+            if (b.is_displayed() and b.text.strip().endswith(label)) or b.text.strip().startswith(label):
+                return b
+        raise AssertionError(f"no button {label!r}; buttons: {[b.text for b in self.by_css('button')]}")
+
+    def click(self, element) -> None:
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+        time.sleep(0.2)
+        self.d.execute_script("arguments[0].click();", element)
+
+    def nav(self, title: str) -> None:
+        for a in self.by_css('[data-testid="stSidebarNav"] a'):
+            if a.text.strip() == title:
+                self.click(a)
+                self.idle()
+                return
+        raise AssertionError(f"no page link {title!r}")
+
+    def metric(self, label: str) -> str:
+        for m in self.by_css('[data-testid="stMetric"]'):
+            lab = m.find_elements("css selector", '[data-testid="stMetricLabel"]')
+            if lab and lab[0].text.strip().startswith(label):
+                return m.find_element("css selector", '[data-testid="stMetricValue"]').text
+        raise AssertionError(f"no metric {label!r}")
+
+    def slider(self, label: str):
+        for s in self.by_css('[data-testid="stSlider"]'):
+            if label in s.text:
+                return s.find_element("css selector", '[role="slider"]')
+        raise AssertionError(f"no slider {label!r}")
+
+    def scroll_top(self) -> None:
+        self.d.execute_script(
+            "for (const el of document.querySelectorAll('[data-testid=\"stMain\"], section.main, .main')) el.scrollTo(0, 0);"
+            "window.scrollTo(0, 0);"
+        )
+        time.sleep(0.3)
+
+    def shot(self, name: str, *, element_css: str | None = None) -> Path:
+        path = SHOTS / f"{name}.png"
+        time.sleep(0.8)  # let images and plots finish painting
+        self.d.save_screenshot(str(path))
+        assert path.stat().st_size > 10_000, f"screenshot {name} looks empty"
+        if os.environ.get("SOFTPATCH_UPDATE_SCREENSHOTS") == "1":
+            README_SHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, README_SHOTS / path.name)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------ the flow
+
+
+def test_demo_flow_in_a_real_browser(server, driver) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    app = App(driver, server)
+    driver.get(server)
+    app.wait_text(r"Training folder")
+    app.idle()
+    body = app.wait_text(r"softpatch demo")
+    assert "34 training images" in body and "20 test images" in body
+    app.no_errors()
+    app.shot("01_data")
+
+    app.nav("Denoise")
+    app.wait_text(r"Fit SoftPatch on 34 training images")
+    app.click(app.button("Fit SoftPatch on 34 training images"))
+    app.wait_text(r"Demo check", timeout=TIMEOUT)
+    app.idle()
+    app.no_errors()
+    assert "4 of the 4 planted defective images" in app.text()
+    before = app.metric("Patches removed")
+    app.scroll_top()
+    app.shot("02_denoise")
+
+    thumb = app.slider("tau")
+    app.click(thumb)
+    for _ in range(10):
+        thumb.send_keys(Keys.ARROW_LEFT)
+    app.idle()
+    after = app.wait_text(r"Patches removed") and app.metric("Patches removed")
+    assert after != before, f"moving tau did not change the removed count ({before} -> {after})"
+    app.no_errors()
+
+    app.click(app.by_css('[data-testid="stSlider"]')[0])  # keep focus away from the tau slider
+    open_buttons = [b for b in app.by_css("button") if b.text.strip().endswith("Open")]
+    assert open_buttons, "no 'Open' buttons under the ranked images"
+    app.click(open_buttons[0])
+    app.wait_text(r"Removed patches \(red\)")
+    app.idle()
+    app.shot("03_denoise_large_view")
+    webdriver_body = app.by_css("body")[0]
+    webdriver_body.send_keys(Keys.ESCAPE)
+    time.sleep(0.5)
+    closes = app.by_css('[data-testid="stDialog"] button[aria-label="Close"]')
+    if closes:
+        app.click(closes[0])
+    app.idle()
+
+    app.nav("Review")
+    app.wait_text(r"reviewed")
+    app.click(app.button("Defective"))
+    app.idle()
+    app.wait_text(r"1 of \d+ reviewed")
+    app.no_errors()
+    app.scroll_top()
+    app.shot("04_review")
+
+    app.nav("Coreset")
+    app.wait_text(r"Patches in the memory bank")
+    app.idle()
+    deadline = time.monotonic() + TIMEOUT
+    while not app.by_css(".js-plotly-plot") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert app.by_css(".js-plotly-plot"), "the coreset plot did not appear"
+    app.idle()
+    app.no_errors()
+    app.shot("05_coreset")
+
+    app.nav("Detect")
+    app.click(app.button("Score 20 images"))
+    app.wait_text(r"How well are defects found", timeout=TIMEOUT)
+    app.idle()
+    app.no_errors()
+    assert "PatchCore" in app.text()
+    app.scroll_top()
+    app.shot("06_detect")
+
+    app.nav("Deploy")
+    app.wait_text(r"False-alarm rate")
+    app.idle()
+    app.no_errors()
+    app.shot("07_deploy")
