@@ -7,10 +7,11 @@ per-session state and the sidebar (device, backbone and weights, dataset) shown 
 import logging
 
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
 from softpatch_app.guard import user_errors
 from softpatch_app.state import get_session
-from softpatch_app.ui import PAGES, show_notices, sidebar
+from softpatch_app.ui import PAGES, sidebar
 
 st.set_page_config(page_title="SoftPatch – vet your training images", page_icon=":material/healing:", layout="wide")
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -31,8 +32,12 @@ with user_errors("start this session"):
     session = get_session()
 
 if session is not None:
-    with user_errors("draw the sidebar", container=st.sidebar):
+    sidebar_slot = st.sidebar.container()
+    try:
+        with user_errors():
+            page.run()
+    except StopException:
+        pass  # a page ended early with st.stop(): the sidebar below is still drawn
+    # Drawn after the page, so it shows what the page just did (a fit, a new folder).
+    with sidebar_slot, user_errors("draw the sidebar"):
         sidebar(session)
-    show_notices(session)
-    with user_errors():
-        page.run()

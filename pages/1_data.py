@@ -16,7 +16,7 @@ from softpatch_app import loading
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors
 from softpatch_app.state import SessionData, environment, get_session
-from softpatch_app.ui import PAGES
+from softpatch_app.ui import PAGES, show_notices
 
 METHODS = {
     "demo": "Built-in demo data",
@@ -35,6 +35,7 @@ session: SessionData = get_session()
 env = environment()
 
 st.title("Data")
+show_notices(session)
 st.markdown(
     "Load the **training folder** you want to vet: the images that are supposed to be all good. "
     "SoftPatch will look for the ones that are not. A **test folder** with defect labels and masks is optional: "

@@ -15,12 +15,13 @@ from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.settings import BACKBONE_CHOICES, WEIGHT_MODE_LABELS, WEIGHT_MODES
 from softpatch_app.state import SessionData, get_session
-from softpatch_app.ui import PAGES, need_data
+from softpatch_app.ui import PAGES, need_data, show_notices
 from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
 
 session: SessionData = get_session()
 
 st.title("Denoise")
+show_notices(session)
 st.markdown(
     "SoftPatch cuts every training image into small **patches** and compares each patch with the patches at the "
     "same spot in all other images. Patches that look unlike the rest are probably **defects hiding in the "
@@ -39,6 +40,13 @@ def seed(key: str, value) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- controls
+DISCRIMINATOR_NAMES = {
+    "lof": "LOF (paper default)",
+    "nearest": "Nearest neighbour",
+    "gaussian": "Gaussian",
+    "fusion": "Fusion (SoftPatch+)",
+    "none": "None: plain PatchCore",
+}
 seed("dn_backbone", s.backbone)
 seed("dn_weights_mode", s.weights_mode)
 seed("dn_weights_path", s.weights_path)
@@ -120,13 +128,13 @@ with c1:
         "Noise discriminator",
         [d for d in DISCRIMINATORS],
         key="dn_disc",
-        format_func=lambda d: f"{d} — {DISCRIMINATORS[d].description}",
-        help="How a patch is judged against the same spot in the other images. LOF is the paper's default; "
-        "'none' is plain PatchCore (no denoising).",
+        format_func=lambda d: DISCRIMINATOR_NAMES.get(d, d),
+        help="How a patch is judged against the same spot in the other images. "
+        + " ".join(f"{DISCRIMINATOR_NAMES.get(k, k)}: {d.description}." for k, d in DISCRIMINATORS.items()),
     )
 with c2:
     st.slider(
-        "tau: share of patches removed as noise",
+        "tau (share of patches removed)",
         0.0,
         0.5,
         key="dn_tau",

@@ -13,12 +13,13 @@ from softpatch_app import exports, loading, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.state import LABELS, SessionData, get_session
-from softpatch_app.ui import need_model
+from softpatch_app.ui import need_model, show_notices
 from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
 
 session: SessionData = get_session()
 
 st.title("Review")
+show_notices(session)
 st.markdown(
     "Walk through the training images SoftPatch finds most suspicious and say what each one is: "
     "**defective**, **good** or **unsure**. Keys: **D** defective, **G** good, **U** unsure, **←/→** previous/next."

@@ -11,12 +11,13 @@ from softpatch_app.guard import user_errors
 from softpatch_app.imaging import patch_crop, with_box
 from softpatch_app.progress import StageProgress
 from softpatch_app.state import SessionData, get_session
-from softpatch_app.ui import need_model
+from softpatch_app.ui import need_model, show_notices
 from softpatch_app.views import geometry
 
 session: SessionData = get_session()
 
 st.title("Coreset")
+show_notices(session)
 st.markdown(
     "Every dot is one image **patch**, placed so that patches that look alike lie close together. "
     "Green dots are the patches SoftPatch keeps in its **memory bank** (what 'good' looks like); red dots are the "

@@ -13,13 +13,14 @@ from softpatch_app.guard import user_errors
 from softpatch_app.imaging import overlay_mask, thumbnail
 from softpatch_app.progress import StageProgress
 from softpatch_app.state import SessionData, environment, get_session
-from softpatch_app.ui import need_model
+from softpatch_app.ui import need_model, show_notices
 from softpatch_app.views import detection_overlay, score_range
 
 session: SessionData = get_session()
 env = environment()
 
 st.title("Detect")
+show_notices(session)
 st.markdown(
     "Score test images with the fitted model. Each image gets an **anomaly score** (higher = more likely "
     "defective) and a **heatmap** of where it differs from the good training patches. Plain **PatchCore** (the "

@@ -13,11 +13,12 @@ from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.reporting import build_session_report
 from softpatch_app.state import SessionData, get_session
-from softpatch_app.ui import device_label, need_model
+from softpatch_app.ui import device_label, need_model, show_notices
 
 session: SessionData = get_session()
 
 st.title("Deploy")
+show_notices(session)
 st.markdown(
     "Pick the **threshold**: images scoring at or above it are called defective on the line. A lower threshold "
     "catches more defects but raises more false alarms. Then download the **model bundle** (with its threshold) "

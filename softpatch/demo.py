@@ -107,7 +107,7 @@ def _render_part(rng: np.random.Generator) -> _Part:
     r = np.sqrt(dx * dx + dy * dy)
 
     # Brushed plate in the background.
-    plate = 0.34 + 0.035 * _brushed(rng, s, rng.uniform(0, 180))
+    plate = 0.34 + 0.035 * _brushed(rng, s, 35 + rng.uniform(-6, 6))  # one brushing direction, small play
 
     # Turned disc: concentric lathe marks (noise over the radius), a soft lighting gradient.
     marks = _smooth_noise_1d(rng, 4 * s, 3)

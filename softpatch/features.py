@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +84,37 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, 
     model.load_state_dict(matched, strict=False)
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the weights hub answers at all; without this check an offline machine waits ~1 min in retries."""
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:  # noqa: BLE001 - no hub library: assume the default host
+        host = "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Load pretrained weights from the local cache only (no download attempts)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def create_backbone(config: SoftPatchConfig) -> nn.Module:
     """Build the timm ``features_only`` backbone with the weights the config asks for; never a silent fallback."""
     import timm
@@ -87,7 +122,9 @@ def create_backbone(config: SoftPatchConfig) -> nn.Module:
     kwargs = dict(features_only=True, out_indices=config.layers, **config.backbone_kwargs)
     try:
         if config.weights_source == "pretrained":
-            model = timm.create_model(config.backbone, pretrained=True, **kwargs)
+            offline = contextlib.nullcontext() if _hub_reachable() else _hub_offline()
+            with offline:
+                model = timm.create_model(config.backbone, pretrained=True, **kwargs)
         else:
             model = timm.create_model(config.backbone, pretrained=False, **kwargs)
     except WeightsError:

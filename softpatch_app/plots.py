@@ -20,7 +20,7 @@ def _layout(fig: go.Figure, *, title: str | None = None, height: int = 340) -> g
         title=title,
         height=height,
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
         template="plotly_white",
     )
     return fig

@@ -33,7 +33,7 @@ def sidebar(session: SessionData) -> None:
     """Always visible: device, backbone + where its weights come from, and the dataset in use."""
     s = session.settings
     model = session.model
-    with st.sidebar:
+    with st.container():
         st.markdown("### SoftPatch")
         st.caption("Find defective images hiding in a 'good' training folder, then detect defects.")
         st.markdown(f"**Device:** {device_label(s.device)}")

@@ -183,7 +183,9 @@ class App:
 
     def button(self, label: str):
         for b in self.by_css("button"):
-            if (b.is_displayed() and b.text.strip().endswith(label)) or b.text.strip().startswith(label):
+            lines = [line.strip() for line in b.text.strip().splitlines()]
+            # Buttons read "<icon name>\n<label>\n<shortcut>": match the label line.
+            if any(line.startswith(label) for line in lines[:2] if line) and b.is_displayed():
                 return b
         raise AssertionError(f"no button {label!r}; buttons: {[b.text for b in self.by_css('button')]}")
 
@@ -193,8 +195,8 @@ class App:
         self.d.execute_script("arguments[0].click();", element)
 
     def nav(self, title: str) -> None:
-        for a in self.by_css('[data-testid="stSidebarNav"] a'):
-            if a.text.strip() == title:
+        for a in self.by_css('[data-testid="stSidebar"] a'):
+            if a.text.strip().splitlines()[-1:] == [title]:
                 self.click(a)
                 self.idle()
                 return
@@ -210,7 +212,7 @@ class App:
     def slider(self, label: str):
         for s in self.by_css('[data-testid="stSlider"]'):
             if label in s.text:
-                return s.find_element("css selector", '[role="slider"]')
+                return s.find_element("css selector", 'input[type="range"]')
         raise AssertionError(f"no slider {label!r}")
 
     def scroll_top(self) -> None:
@@ -257,17 +259,18 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     app.scroll_top()
     app.shot("02_denoise")
 
+    from selenium.webdriver.common.action_chains import ActionChains
+
     thumb = app.slider("tau")
-    app.click(thumb)
-    for _ in range(10):
-        thumb.send_keys(Keys.ARROW_LEFT)
+    driver.execute_script("arguments[0].focus();", thumb)
+    ActionChains(driver).send_keys(*([Keys.ARROW_LEFT] * 10)).perform()
     app.idle()
     after = app.wait_text(r"Patches removed") and app.metric("Patches removed")
     assert after != before, f"moving tau did not change the removed count ({before} -> {after})"
     app.no_errors()
 
-    app.click(app.by_css('[data-testid="stSlider"]')[0])  # keep focus away from the tau slider
-    open_buttons = [b for b in app.by_css("button") if b.text.strip().endswith("Open")]
+    driver.execute_script("document.activeElement && document.activeElement.blur();")
+    open_buttons = [b for b in app.by_css("button") if "Open" in b.text.strip().splitlines()]
     assert open_buttons, "no 'Open' buttons under the ranked images"
     app.click(open_buttons[0])
     app.wait_text(r"Removed patches \(red\)")

@@ -1,0 +1,227 @@
+"""AppTest walk through every page on the demo data: fit, move tau, change k, open a large view, label, export,
+drop-and-refit, coreset map, detect (SoftPatch vs PatchCore), threshold, bundle and report.
+
+Uses the real mobilenetv1 ImageNet weights from ../shared/weights at a small image size (128/112) so that the
+whole module runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+
+ENV = {
+    "SOFTPATCH_BACKBONE": "mobilenetv1_100",
+    "SOFTPATCH_WEIGHTS": str(WEIGHTS),
+    "SOFTPATCH_BACKBONE_KWARGS": '{"bn_eps": 0.001, "pad_type": "same"}',
+    "SOFTPATCH_RESIZE": "128",
+    "SOFTPATCH_CROP": "112",
+    "SOFTPATCH_DEVICE": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def at(tmp_path_factory):
+    if not WEIGHTS.is_file():
+        pytest.skip(f"real weights not found at {WEIGHTS} (expected ../shared/weights next to the repository)")
+    saved = {k: os.environ.get(k) for k in [*ENV, "SOFTPATCH_WORK_DIR"]}
+    os.environ.update(ENV, SOFTPATCH_WORK_DIR=str(tmp_path_factory.mktemp("work")))
+    try:
+        yield AppTest.from_file(APP, default_timeout=180).run()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def clean(at: AppTest) -> None:
+    """No traceback and no error message on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def button(at: AppTest, label: str):
+    for b in at.button:
+        if b.label.startswith(label):
+            return b
+    raise AssertionError(f"no button {label!r}: {[b.label for b in at.button]}")
+
+
+def metric(at: AppTest, label: str) -> str:
+    for m in at.metric:
+        if m.label == label:
+            return m.value
+    raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
+
+
+def session(at: AppTest):
+    from softpatch_app.state import KEY
+
+    return at.session_state[KEY]
+
+
+def test_first_launch_has_the_demo_loaded(at: AppTest) -> None:
+    clean(at)
+    assert metric(at, "Train images") == "34"
+    assert metric(at, "Test images") == "20"
+    assert metric(at, "Defective / with mask") == "12 / 12"
+    side = " ".join(m.value for m in at.sidebar.markdown)
+    assert "**Device:** CPU" in side
+    assert "mobilenetv1_100" in side and "local file" in side
+    assert "softpatch demo" in side
+    assert any("hides **4 defective parts**" in i.value for i in at.info)
+
+
+def test_pages_before_fitting_say_what_to_do(at: AppTest) -> None:
+    for page in ("pages/3_review.py", "pages/4_coreset.py", "pages/5_detect.py", "pages/6_deploy.py"):
+        at.switch_page(page).run()
+        clean(at)
+        assert any("Fit SoftPatch first" in i.value for i in at.info), page
+
+
+def test_fit_finds_the_planted_defects(at: AppTest) -> None:
+    at.switch_page("pages/2_denoise.py").run()
+    clean(at)
+    button(at, "Fit SoftPatch on 34 training images").click().run()
+    clean(at)
+    assert any("4 of the 4 planted defective images" in s.value for s in at.success)
+    assert any(s.value.startswith("Fitted in") for s in at.success)
+    assert len(at.get("plotly_chart")) >= 1
+
+
+def test_moving_tau_changes_the_removed_count_without_refitting(at: AppTest) -> None:
+    model = session(at).model
+    before = metric(at, "Patches removed")
+    at.slider(key="dn_tau").set_value(0.05).run()
+    clean(at)
+    after = metric(at, "Patches removed")
+    assert before != after
+    assert int(after.replace(",", "")) < int(before.replace(",", ""))
+    assert session(at).model is model, "tau re-tunes the fitted model, it does not refit"
+    assert model.config.tau == pytest.approx(0.05)
+    at.slider(key="dn_k").set_value(10).run()
+    clean(at)
+    assert session(at).model is model and model.config.lof_k == 10
+
+
+def test_large_view_opens(at: AppTest) -> None:
+    next(b for b in at.button if b.label == "Open").click().run()
+    clean(at)
+    assert any(m.value.startswith("**#1 ·") for m in at.markdown)
+
+
+def test_label_export_and_drop_refit(at: AppTest) -> None:
+    at.switch_page("pages/3_review.py").run()
+    clean(at)
+    button(at, "Defective").click().run()
+    clean(at)
+    assert metric(at, "Defective") == "1"
+    labels = dict(session(at).labels)
+    assert list(labels.values()) == ["defective"]
+    first = next(iter(labels))
+    assert any(b.label == "Labels (CSV)" for b in at.get("download_button"))
+
+    button(at, "Good").click().run()
+    assert metric(at, "Good") == "1"
+    button(at, "Prepare the cleaned folder").click().run()
+    clean(at)
+    path, count = at.session_state["_cleaned_zip"]
+    assert count == 33
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    assert len(names) == 33 and first not in names
+    assert any(b.label.startswith("Download cleaned folder (33 images") for b in at.get("download_button"))
+
+    from softpatch_app import exports
+
+    csv_text = exports.cleaned_list_csv(session(at).train.records, session(at).labels)
+    assert first not in csv_text and csv_text.count("\n") == 34  # header + 33
+
+    button(at, "Drop the 1 images marked defective and refit").click().run()
+    clean(at)
+    assert len(session(at).train) == 33
+    assert session(at).model_is_current
+    assert any("Dropped 1 images" in s.value for s in at.success)
+    # The app stays on the model's settings after the refit.
+    assert session(at).model.config.tau == pytest.approx(0.05)
+
+
+def test_coreset_map(at: AppTest) -> None:
+    at.switch_page("pages/4_coreset.py").run()
+    clean(at)
+    assert int(metric(at, "Patches in the memory bank").replace(",", "")) > 0
+    assert int(metric(at, "Patches removed as noise").replace(",", "")) > 0
+    assert len(at.get("plotly_chart")) == 1
+    at.radio(key="cs_colour").set_value("weight").run()
+    clean(at)
+    at.radio(key="cs_method").set_value("UMAP").run()
+    clean(at)
+
+
+def test_detect_compares_softpatch_and_patchcore(at: AppTest) -> None:
+    at.switch_page("pages/5_detect.py").run()
+    clean(at)
+    button(at, "Score 20 images").click().run()
+    clean(at)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["SoftPatch", "PatchCore"]
+    assert set(table.index) == {"image AUROC", "pixel AUROC", "AUPRO"}
+    auroc = float(table.loc["image AUROC", "SoftPatch"])
+    assert 0.5 < auroc <= 1.0
+    assert len(at.get("plotly_chart")) >= 2  # ROC + histograms
+    at.slider(key="dt_alpha").set_value(0.9).run()
+    clean(at)
+
+
+def test_deploy_threshold_bundle_and_report(at: AppTest) -> None:
+    at.switch_page("pages/6_deploy.py").run()
+    clean(at)
+    assert metric(at, "False-alarm rate").endswith("%")
+    f1_threshold = session(at).threshold
+    at.radio(key="dp_method").set_value("percentile").run()
+    clean(at)
+    assert session(at).threshold != f1_threshold
+    at.radio(key="dp_method").set_value("manual").run()
+    at.number_input(key="dp_manual").set_value(5.0).run()
+    clean(at)
+    assert session(at).threshold == pytest.approx(5.0)
+    assert metric(at, "False-alarm rate") == "100.0%"  # every good image scores above 5
+
+    button(at, "Prepare the model bundle").click().run()
+    clean(at)
+    from softpatch import load_bundle
+
+    bundle = Path(at.session_state["_bundle"])
+    assert bundle.is_file() and session(at).workspace.path in bundle.parents
+    loaded = load_bundle(bundle, device="cpu")
+    assert loaded.threshold_ == pytest.approx(5.0)
+
+    button(at, "Prepare the report").click().run()
+    clean(at)
+    html = at.session_state["_report"]
+    assert html.startswith("<!DOCTYPE html>")
+    assert "SoftPatch vetting report" in html and "data:image/jpeg;base64," in html
+    assert "Detection quality" in html and "Memory bank and removed patches" in html
+    assert "cdn.plot.ly" not in html and 'src="http' not in html, "the report must work offline"
+    assert html.count("Plotly.newPlot") >= 3
+    assert any(b.label.startswith("Download report") for b in at.get("download_button"))
+
+
+def test_labels_csv_content(at: AppTest) -> None:
+    from softpatch_app import exports
+
+    rows = [{"rank": 1, "image": "a.png", "path": "/x/a.png", "suspicion": 2.0, "removed_share": 0.1, "label": "good"}]
+    text = exports.labels_csv(rows)
+    assert text.splitlines()[0] == "rank,image,path,suspicion,removed_share,label"
+    assert list(io.StringIO(text))[1].strip() == "1,a.png,/x/a.png,2.0,0.1,good"
