@@ -185,9 +185,9 @@ def add_images() -> None:
                 raise DataError("none of the given files is a readable image")
             new_train = loading.add_training_images(session.train, extra)
             result = loading.LoadResult(name=session.dataset_name, train=new_train, demo=session.demo)
-            test = session.test
+            test, with_train = session.test, session.test_with_train
             session.set_training(result)
-            session.test = test  # the test set stays as it was
+            session.test, session.test_with_train = test, with_train  # the test set stays as it was
             session.notify("success", f"Added {len(extra)} images to the training set ({len(new_train)} in all).")
             st.rerun()
 
@@ -292,7 +292,9 @@ with st.container(border=True):
     else:
         st.markdown("**In use:** nothing loaded yet.")
 
-tab_train, tab_add, tab_test = st.tabs(["Training folder", "Add training images", "Test folder (optional)"])
+tab_train, tab_add, tab_test = st.tabs(
+    ["Training folder", "Add training images", "Test folder (optional)"], key="data_tabs"
+)
 with tab_train:
     loader("train")
 with tab_add:

@@ -252,6 +252,8 @@ with user_errors("apply the new settings"):
         rescoring = any(k in services.RESCORING for k in changes)
         bars = StageProgress(st.container()) if rescoring else None
         services.retune(session, wanted, progress=bars)
+        if bars is not None:
+            bars.finish()
 
 # ----------------------------------------------------------------------------------------------- results
 model = session.model

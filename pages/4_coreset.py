@@ -57,6 +57,7 @@ bars = StageProgress(st.container())
 view = None
 with user_errors("build the memory bank"):
     view = services.coreset_view(session, int(max_points), progress=bars)
+    bars.finish()
 if view is None:
     st.stop()
 m1, m2, m3 = st.columns(3)
@@ -115,4 +116,5 @@ else:
                     image = load_rgb(session.model_records[img_i].path)
                     box = geom.cell_box(row, col, image.size, pad=1)
                     status = "removed" if is_removed[k] else "kept"
-                    c.image(patch_crop(image, box), caption=f"{names[img_i]} ({row},{col}) {status}", width="stretch")
+                    short = names[img_i].rsplit("/", 1)[-1]
+                    c.image(patch_crop(image, box), caption=f"{short} ({row},{col}) {status}", width="stretch")

@@ -202,19 +202,27 @@ if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detect
     curves = {k: v for k, v in curves.items() if isinstance(v[2], float)}
     a, b = st.columns(2)
     with a:
-        st.plotly_chart(plots.roc_figure(curves), key="dt_roc")
-    with b:
         st.plotly_chart(
             plots.score_histogram(soft.image_scores, detection.labels, threshold=threshold, title="SoftPatch scores"),
             key="dt_hist_soft",
         )
-        if base is not None:
+    if base is not None:
+        with b:
             st.plotly_chart(
                 plots.score_histogram(
                     base.image_scores, detection.labels, threshold=base_threshold, title="PatchCore scores"
                 ),
                 key="dt_hist_base",
             )
+    a, b = st.columns(2)
+    with a:
+        st.plotly_chart(plots.roc_figure(curves), key="dt_roc")
+    with b:
+        st.markdown(
+            "**Reading these charts.** Each histogram shows the image scores of good (blue) and defective "
+            "(orange) test images. The less they overlap, the easier one threshold separates them. The ROC curve "
+            "shows every possible threshold at once: the closer it hugs the top-left corner, the better."
+        )
 elif detection.labels is None:
     st.info("These images have no labels, so no quality metrics. Load a labelled test folder on the Data page.")
 

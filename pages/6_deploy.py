@@ -171,6 +171,7 @@ with c2:
         with user_errors("build the report"), st.spinner("Building the report (a t-SNE map takes a few seconds)…"):
             html = build_session_report(session, detection, device=device_label(model.config.device), progress=bars)
             st.session_state["_report"] = html
+            bars.finish()
     report = st.session_state.get("_report")
     if report:
         st.download_button(

@@ -65,10 +65,14 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written bundle under the real name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)  # never leave a half-written bundle under the real name
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for I/O failures
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write the bundle to {path}: {exc}") from None
     return path
 
 
@@ -150,8 +154,8 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     model._extractor = FeatureExtractor(backbone, config).to(model.device_).to(memory_format=torch.channels_last)
     model.grid_shape_ = grid
     state = _TrainingState(features=None, names=names, sizes=sizes)
+    model._state = state  # _score_key reads the number of training images from the state
     state.scores[model._score_key(config)] = tensors["train.outlier_scores"]
-    model._state = state
     model._bank = MemoryBank(bank_features, weights, provenance.numpy())
     model._bank_key = model._bank_settings()
     model.threshold_ = None if threshold is None else float(threshold)

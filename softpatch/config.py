@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ class SoftPatchConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     pretrained: bool = True  # timm pretrained weights (downloaded once, cached); False = random init
     weights: str | None = None  # local weights file (safetensors or torch state dict); wins over pretrained
-    feature_dim: int = 1024  # patch embedding size after channel pooling (capped at the backbone's channels)
+    feature_dim: int = 1024  # patch embedding size; each stage is average-pooled over channels to an equal share
     patch_size: int = 3  # neighbourhood aggregation window
     precision: str = "fp32"  # "bf16" runs the backbone under bf16 autocast (faster on CPU and GPU)
     batch_size: int = 16  # images per backbone forward pass
@@ -57,10 +59,13 @@ class SoftPatchConfig:
     seed: int = 0  # seeds the coreset start and projection: a fit is reproducible
 
     def __post_init__(self) -> None:
+        self._check_types()
         # Normalise containers so that configs built from JSON or the CLI compare equal.
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        object.__setattr__(self, "fusion", tuple(str(n) for n in self.fusion))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "fusion", tuple(self.fusion))
         object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", os.fspath(self.weights))
         from softpatch.discriminators import DISCRIMINATORS  # late: avoids an import cycle
 
         checks = [
@@ -98,6 +103,33 @@ class SoftPatchConfig:
             json.dumps(self.backbone_kwargs)
         except TypeError as exc:
             raise ConfigError(f"backbone_kwargs must be JSON-serialisable: {exc}") from None
+
+    def _check_types(self) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("resize", "crop", "feature_dim", "patch_size", "batch_size", "lof_k", "projection_dim", "seed"):
+            if not is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("gaussian_reg", "tau", "coreset_ratio", "blur_sigma"):
+            value = getattr(self, name)
+            if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("pretrained", "soft_weight"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("backbone", "precision", "discriminator", "tau_scope", "coreset", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
+            raise ConfigError(f"weights must be a file path or None, got {self.weights!r}")
+        if isinstance(self.layers, (str, bytes)) or not all(is_int(i) for i in self.layers):
+            raise ConfigError(f"layers must be a sequence of integers, got {self.layers!r}")
+        if isinstance(self.fusion, (str, bytes)) or not all(isinstance(n, str) for n in self.fusion):
+            raise ConfigError(f"fusion must be a sequence of discriminator names, got {self.fusion!r}")
+        if not isinstance(self.backbone_kwargs, dict):
+            raise ConfigError(f"backbone_kwargs must be a dict, got {self.backbone_kwargs!r}")
 
     @property
     def weights_source(self) -> str:

@@ -205,7 +205,11 @@ def compute_neighbours(
     eye = None
     for start in range(0, p, step):
         stop = min(p, start + step)
-        x = features[:, start:stop].to(device, non_blocking=True).transpose(0, 1).float()  # (Pc, N, D)
+        x = features[:, start:stop].to(device, non_blocking=True).transpose(0, 1).float().contiguous()  # (Pc, N, D)
+        # Translate each position so that one of its points is the origin: distances are unchanged, but the
+        # expanded form |a|^2+|b|^2-2ab no longer cancels a large common component (float32 precision).
+        # Elementwise, so the result does not depend on how positions are chunked (a mean would).
+        x = x - x[:, :1, :]
         squared_norm = x.square().sum(-1)
         dist = squared_norm.unsqueeze(2) + squared_norm.unsqueeze(1) - 2 * (x @ x.transpose(1, 2))
         dist = dist.clamp_min_(0).sqrt_()

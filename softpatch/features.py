@@ -126,7 +126,10 @@ def create_backbone(config: SoftPatchConfig) -> nn.Module:
             with offline:
                 model = timm.create_model(config.backbone, pretrained=True, **kwargs)
         else:
-            model = timm.create_model(config.backbone, pretrained=False, **kwargs)
+            # Seed the random init so that a random-weights fit is reproducible too.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = timm.create_model(config.backbone, pretrained=False, **kwargs)
     except WeightsError:
         raise
     except Exception as exc:

@@ -202,23 +202,25 @@ class SoftPatch:
                 raise SoftPatchError(f"changing {', '.join(feature)} changes the features: fit again instead")
             raise SoftPatchError(f"unknown settings: {', '.join(bad)}")
         new_config = self.config.replace(**changes)
-        if state.features is None and self._denoising_key(new_config) != self._denoising_key(self.config):
+        if state.features is None and self._bank_settings(new_config) != self._bank_settings(self.config):
             raise SoftPatchError(
-                "this model was loaded from a bundle without its training features: fit again to re-tune"
+                "this model was loaded from a bundle without its training features: fit again to change "
+                "denoising or memory-bank settings"
             )
+        device = resolve_device(new_config.device)  # may refuse; nothing has changed yet
         self.config = new_config
-        if "device" in changes:
-            self.device_ = resolve_device(new_config.device)
+        self.device_ = device
         if state.features is not None:
             self._ensure_scores(progress)
         return self
 
     def variant(self, **changes: object) -> SoftPatch:
         """A re-tuned copy sharing this model's features and caches; this model is left unchanged."""
-        self._check_fitted()
+        state = self._check_fitted()
         clone = copy.copy(self)
-        clone._bank = None
-        clone._bank_key = None
+        if state.features is not None:  # a loaded model keeps its one bank; retune refuses bank changes
+            clone._bank = None
+            clone._bank_key = None
         return clone.retune(**changes)
 
     # ------------------------------------------------------------------ features
@@ -334,8 +336,8 @@ class SoftPatch:
         self._bank = None
         self._bank_key = None
 
-    def _bank_settings(self) -> tuple:
-        c = self.config
+    def _bank_settings(self, config: SoftPatchConfig | None = None) -> tuple:
+        c = config or self.config
         return (self._denoising_key(c), c.soft_weight, c.coreset, c.coreset_ratio, c.projection_dim, c.seed)
 
     def build_memory_bank(self, progress: ProgressCallback | None = None) -> MemoryBank:
@@ -410,6 +412,8 @@ class SoftPatch:
     ) -> ScoreResult:
         """Score test images (or precomputed ``Embeddings``); higher = more anomalous."""
         self._check_fitted()
+        if len(images) == 0:
+            raise SoftPatchError("no images to score")
         embeddings = images if isinstance(images, Embeddings) else self.embed(images, progress=progress)
         if embeddings.feature_key != _feature_key(self.config):
             raise SoftPatchError("these embeddings were computed with other feature settings than this model's")

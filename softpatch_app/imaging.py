@@ -12,29 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-# A perceptually ordered "jet-like" palette: dark blue -> cyan -> green -> yellow -> red.
-_STOPS = np.array(
-    [
-        [0.00, 0.05, 0.03, 0.45],
-        [0.20, 0.00, 0.35, 0.95],
-        [0.40, 0.00, 0.80, 0.85],
-        [0.60, 0.35, 0.90, 0.20],
-        [0.80, 1.00, 0.80, 0.00],
-        [1.00, 0.85, 0.05, 0.05],
-    ]
-)
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _STOPS[:, 0], _STOPS[:, c]) for c in (1, 2, 3)], axis=1)
-LUT = (np.clip(_LUT, 0, 1) * 255).astype(np.uint8)  # (256, 3)
+from softpatch.heatmaps import colourize
 
 REMOVED_COLOUR = (255, 40, 40)
 OUTLINE_COLOUR = (255, 255, 0)
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Map a 2-D float array to RGB uint8 with the palette; vmin/vmax fix the scale."""
-    span = max(float(vmax) - float(vmin), 1e-12)
-    idx = np.clip((np.asarray(values, dtype=np.float64) - vmin) / span, 0, 1)
-    return LUT[(idx * 255).astype(np.uint8)]
+    """Map a 2-D float array to RGB uint8 with the core's heatmap palette (same colours as the CLI's heatmaps)."""
+    return colourize(np.asarray(values, dtype=np.float32), float(vmin), float(vmax))
 
 
 def overlay_heatmap(image: Image.Image, amap: np.ndarray, *, alpha: float, vmin: float, vmax: float) -> Image.Image:

@@ -17,9 +17,9 @@ PATCHCORE_COLOUR = "#8e44ad"
 
 def _layout(fig: go.Figure, *, title: str | None = None, height: int = 340) -> go.Figure:
     fig.update_layout(
-        title=title,
-        height=height,
-        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
+        title={"text": title, "y": 0.98, "yanchor": "top", "x": 0.01, "xanchor": "left"} if title else None,
+        height=height + (30 if title else 0),
+        margin={"l": 10, "r": 10, "t": 75 if title else 30, "b": 10},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0},
         template="plotly_white",
     )
@@ -216,5 +216,5 @@ def coreset_scatter(
                 )
     fig.update_xaxes(showticklabels=False, title=None)
     fig.update_yaxes(showticklabels=False, title=None)
-    fig.update_layout(dragmode="lasso")
+    fig.update_layout(dragmode="select")
     return _layout(fig, height=560)

@@ -23,7 +23,8 @@ class StageProgress:
     """
 
     def __init__(self, container=None, *, min_interval: float = 0.1) -> None:
-        self.container = container if container is not None else st.container()
+        self._holder = (container if container is not None else st).empty()
+        self.container = self._holder.container()
         self.bars: dict[str, object] = {}
         self.min_interval = min_interval
         self._last: dict[str, float] = {}
@@ -50,7 +51,10 @@ class StageProgress:
         title = STAGE_TITLES.get(stage, stage.capitalize())
         return f"{title} — {detail} ({fraction:.0%})" if detail else f"{title} ({fraction:.0%})"
 
-    def finish(self) -> None:
-        """Mark every opened bar complete (a stage may end without reporting 1.0)."""
+    def finish(self, *, clear: bool = True) -> None:
+        """The work is done: remove the bars (default) or mark every bar complete."""
+        if clear:
+            self._holder.empty()
+            return
         for stage, bar in self.bars.items():
             bar.progress(1.0, text=f"{STAGE_TITLES.get(stage, stage.capitalize())} — done")

@@ -37,6 +37,7 @@ class SessionData:
     demo: DemoManifest | None = None
     data_version: int = 0  # bumped whenever the training set changes
     test_version: int = 0  # bumped whenever the test set changes
+    test_with_train: bool = False  # the test set came with the training folder (MVTec layout, demo)
     # model
     model: Any = None  # softpatch.SoftPatch, fitted
     model_data_version: int = -1
@@ -73,9 +74,14 @@ class SessionData:
         self.review_pos = 0
         if result.test is not None:
             self.set_test(result.test)
+            self.test_with_train = True
+        elif self.test_with_train:  # the old test set came with the old training folder: it goes with it
+            self.set_test(None)
 
     def set_test(self, split: LoadedSplit | None) -> None:
+        """A test set loaded on its own (it stays when another training folder is loaded)."""
         self.test = split
+        self.test_with_train = False
         self.test_version += 1
         self.results.clear()
 

@@ -163,7 +163,33 @@ def mobilenet_config(mobilenet_weights: Path) -> SoftPatchConfig:
     )
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _few_threads() -> None:
-    # The test machine has 2 cores; more threads than cores only adds contention.
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+@pytest.fixture(scope="session")
+def extractor(small_config: SoftPatchConfig):
+    """One random-init resnet18 extractor, built under a fixed torch seed and shared (read-only) by the tests."""
+    from softpatch.model import build_extractor
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_extractor(small_config, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def train_embeddings(small_config: SoftPatchConfig, extractor, synthetic_set: SyntheticSet):
+    from softpatch.model import SoftPatch
+
+    return SoftPatch(small_config, extractor=extractor).embed(synthetic_set.train)
+
+
+@pytest.fixture(scope="session")
+def eval_embeddings(small_config: SoftPatchConfig, extractor, synthetic_set: SyntheticSet):
+    from softpatch.model import SoftPatch
+
+    return SoftPatch(small_config, extractor=extractor).embed(synthetic_set.test)
+
+
+@pytest.fixture
+def fitted(small_config: SoftPatchConfig, extractor, train_embeddings):
+    """A fresh model fitted on the synthetic training set (features shared, so this takes milliseconds)."""
+    from softpatch.model import SoftPatch
+
+    return SoftPatch(small_config, extractor=extractor).fit_embeddings(train_embeddings)

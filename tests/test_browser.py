@@ -194,6 +194,23 @@ class App:
         time.sleep(0.2)
         self.d.execute_script("arguments[0].click();", element)
 
+    def real_click(self, element) -> None:
+        """A real mouse click (react-aria widgets such as tabs ignore a scripted element.click())."""
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+        time.sleep(0.2)
+        element.click()
+
+    def tab(self, title: str) -> None:
+        for _ in range(5):
+            tabs = [t for t in self.by_css('[role="tab"]') if title in t.text]
+            if tabs:
+                self.real_click(tabs[0])
+                time.sleep(0.5)
+                if tabs[0].get_attribute("aria-selected") == "true":
+                    return
+            time.sleep(0.5)
+        raise AssertionError(f"could not open the tab {title!r}")
+
     def nav(self, title: str) -> None:
         for a in self.by_css('[data-testid="stSidebar"] a'):
             if a.text.strip().splitlines()[-1:] == [title]:
@@ -222,14 +239,30 @@ class App:
         )
         time.sleep(0.3)
 
-    def shot(self, name: str, *, element_css: str | None = None) -> Path:
+    def scroll_to(self, text: str) -> None:
+        """Scroll the main area so that the first heading/paragraph containing ``text`` is at the top."""
+        found = self.d.execute_script(
+            "const t = arguments[0];"
+            'const els = [...document.querySelectorAll(\'[data-testid="stMain"] h1, [data-testid="stMain"] h2,'
+            ' [data-testid="stMain"] h3, [data-testid="stMain"] h5, [data-testid="stMain"] p,'
+            ' [data-testid="stMain"] label\')];'
+            "const el = els.find(e => e.innerText && e.innerText.includes(t));"
+            "if (el) { el.scrollIntoView({block: 'start'}); return true; } return false;",
+            text,
+        )
+        assert found, f"nothing to scroll to: {text!r}"
+        time.sleep(0.5)
+
+    def shot(self, name: str, readme_name: str | None = None) -> Path:
+        """Save artifacts/screenshots/<name>.png; with SOFTPATCH_UPDATE_SCREENSHOTS=1 also
+        assets/screenshots/<readme_name>.png for the README."""
         path = SHOTS / f"{name}.png"
         time.sleep(0.8)  # let images and plots finish painting
         self.d.save_screenshot(str(path))
         assert path.stat().st_size > 10_000, f"screenshot {name} looks empty"
-        if os.environ.get("SOFTPATCH_UPDATE_SCREENSHOTS") == "1":
+        if readme_name and os.environ.get("SOFTPATCH_UPDATE_SCREENSHOTS") == "1":
             README_SHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, README_SHOTS / path.name)
+            shutil.copy2(path, README_SHOTS / f"{readme_name}.png")
         return path
 
 
@@ -246,7 +279,7 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     body = app.wait_text(r"softpatch demo")
     assert "34 training images" in body and "20 test images" in body
     app.no_errors()
-    app.shot("01_data")
+    app.shot("01_data", "data")
 
     app.nav("Denoise")
     app.wait_text(r"Fit SoftPatch on 34 training images")
@@ -257,7 +290,7 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     assert "4 of the 4 planted defective images" in app.text()
     before = app.metric("Patches removed")
     app.scroll_top()
-    app.shot("02_denoise")
+    app.shot("02_denoise_controls", "denoise_controls")
 
     from selenium.webdriver.common.action_chains import ActionChains
 
@@ -268,6 +301,8 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     after = app.wait_text(r"Patches removed") and app.metric("Patches removed")
     assert after != before, f"moving tau did not change the removed count ({before} -> {after})"
     app.no_errors()
+    app.scroll_to("Patch outlier scores")
+    app.shot("02_denoise", "denoise")
 
     driver.execute_script("document.activeElement && document.activeElement.blur();")
     open_buttons = [b for b in app.by_css("button") if "Open" in b.text.strip().splitlines()]
@@ -275,7 +310,7 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     app.click(open_buttons[0])
     app.wait_text(r"Removed patches \(red\)")
     app.idle()
-    app.shot("03_denoise_large_view")
+    app.shot("03_denoise_large_view", "denoise_large_view")
     webdriver_body = app.by_css("body")[0]
     webdriver_body.send_keys(Keys.ESCAPE)
     time.sleep(0.5)
@@ -291,7 +326,7 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     app.wait_text(r"1 of \d+ reviewed")
     app.no_errors()
     app.scroll_top()
-    app.shot("04_review")
+    app.shot("04_review", "review")
 
     app.nav("Coreset")
     app.wait_text(r"Patches in the memory bank")
@@ -302,7 +337,26 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     assert app.by_css(".js-plotly-plot"), "the coreset plot did not appear"
     app.idle()
     app.no_errors()
-    app.shot("05_coreset")
+    app.scroll_to("Patches in the memory bank")
+    app.shot("05_coreset", "coreset")
+    # Drag a box over the middle of the map: the selected patches appear as a gallery below it.
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    drag = app.by_css(".js-plotly-plot .nsewdrag")
+    if drag:
+        box = drag[0]
+        w, h = box.size["width"], box.size["height"]
+        actions = ActionChains(driver).move_to_element_with_offset(box, -w // 6, -h // 6).click_and_hold()
+        for _ in range(6):
+            actions.move_by_offset(w // 18, h // 18)
+        actions.release().perform()
+        app.idle()
+        app.no_errors()
+        body = app.text()
+        match = re.search(r"Selected patches \((\d+)\)", body)
+        if match and int(match.group(1)) > 0:
+            app.scroll_to("Hover a dot")
+            app.shot("05_coreset_selection", "coreset_selection")
 
     app.nav("Detect")
     app.click(app.button("Score 20 images"))
@@ -310,11 +364,66 @@ def test_demo_flow_in_a_real_browser(server, driver) -> None:
     app.idle()
     app.no_errors()
     assert "PatchCore" in app.text()
-    app.scroll_top()
-    app.shot("06_detect")
+    app.scroll_to("Heatmap opacity")
+    app.shot("06_detect", "detect")
+    app.scroll_to("How well are defects found")
+    app.shot("06_detect_metrics", "detect_metrics")
 
     app.nav("Deploy")
     app.wait_text(r"False-alarm rate")
     app.idle()
     app.no_errors()
-    app.shot("07_deploy")
+    app.shot("07_deploy", "deploy")
+
+
+BATTERY = REPO.parent / "shared" / "data" / "battery_weld"
+BATTERY_PICKS = ("1-+_row0_0.png", "2-l4_row0_135.png")
+
+
+def test_battery_weld_walkthrough(server, driver) -> None:
+    """The README walk-through on real data: a server folder, two defective images added, found on top."""
+    from selenium.webdriver.common.keys import Keys
+
+    if not BATTERY.is_dir():
+        pytest.skip(f"real data not found at {BATTERY}")
+    app = App(driver, server)
+    driver.get(server)  # a fresh browser session
+    app.wait_text(r"Training folder")
+    app.idle()
+    radios = [r for r in app.by_css('[data-testid="stRadio"] label') if r.text.strip() == "A folder on the server"]
+    app.real_click(radios[0])
+    app.idle()
+    box = app.by_css('input[aria-label="Folder path on the server"]')[0]
+    box.send_keys(str(BATTERY / "train" / "good"), Keys.ENTER)
+    app.idle()
+    app.click(app.button("Load this training folder"))
+    app.wait_text(r"Loaded 37 training images")
+    app.idle()
+    app.tab("Add training images")
+    area = app.by_css('textarea[aria-label^="…or paths on the server"]')[0]
+    area.send_keys("\n".join(str(BATTERY / "test" / "defective" / p) for p in BATTERY_PICKS))
+    area.send_keys(Keys.TAB)
+    app.idle()
+    app.click(app.button("Add to the training set"))
+    app.wait_text(r"Added 2 images to the training set \(39 in all\)")
+    app.idle()
+    app.no_errors()
+
+    app.nav("Denoise")
+    size = next(s for s in app.by_css('[data-testid="stSelectbox"]') if "Image size" in s.text)
+    field = size.find_element("css selector", "input")
+    app.click(field)
+    field.send_keys("128/112")
+    time.sleep(0.5)
+    field.send_keys(Keys.ENTER)
+    app.idle()
+    app.click(app.button("Fit SoftPatch on 39 training images"))
+    app.wait_text(r"Patches removed", timeout=TIMEOUT)
+    app.idle()
+    app.no_errors()
+    body = app.text()
+    first = body.find("#1 · added/")
+    assert first != -1, "an added defective image is the most suspicious"
+    assert "#2 · added/" in body
+    app.scroll_to("Training images ranked by suspicion")
+    app.shot("08_battery_weld_ranking", "battery_weld_ranking")

@@ -71,11 +71,6 @@ def test_boundary_values_are_accepted() -> None:
     [("tau", "0.1"), ("batch_size", 2.5), ("layers", ("a",)), ("pretrained", "false")],
     ids=["tau-str", "batch_size-float", "layers-str", "pretrained-str"],
 )
-@pytest.mark.xfail(
-    reason="BUG: SoftPatchConfig.__post_init__ checks ranges but not types: a string tau raises TypeError, "
-    "batch_size=2.5 and pretrained='false' (truthy!) are accepted, layers=('a',) raises a bare ValueError",
-    strict=True,
-)
 def test_wrongly_typed_value_raises_config_error(name: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
         SoftPatchConfig(**{name: value})

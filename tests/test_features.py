@@ -57,7 +57,9 @@ def test_channels_and_strides_are_read_from_timm(small_config: SoftPatchConfig) 
 
 
 @pytest.mark.parametrize("feature_dim", [96, 97, 384, 1000])
-def test_output_shape_respects_feature_dim(small_config: SoftPatchConfig, images: torch.Tensor, feature_dim: int) -> None:
+def test_output_shape_respects_feature_dim(
+    small_config: SoftPatchConfig, images: torch.Tensor, feature_dim: int
+) -> None:
     extractor = build_extractor(small_config.replace(feature_dim=feature_dim), CPU)
     assert extractor.grid_shape(64) == (8, 8)
     out = extractor(images)
@@ -98,7 +100,9 @@ def test_neighbourhood_aggregation_is_the_mean_over_the_window(images: torch.Ten
     torch.testing.assert_close(aggregated, window_sum / counts, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_precision_gives_float32_features_close_to_fp32(small_config: SoftPatchConfig, images: torch.Tensor) -> None:
+def test_bf16_precision_gives_float32_features_close_to_fp32(
+    small_config: SoftPatchConfig, images: torch.Tensor
+) -> None:
     torch.manual_seed(0)
     backbone = create_backbone(small_config)
     fp32 = FeatureExtractor(backbone, small_config)(images)
@@ -199,7 +203,7 @@ def test_pickle_with_code_is_refused_and_never_executed(
     if writer == "torch.save":
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload))
+        path.write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(WeightsError, match="pickled objects are refused"):
         create_backbone(small_config.replace(weights=str(path)))
     assert not marker.exists(), "the pickle payload must never run"

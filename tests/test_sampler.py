@@ -90,8 +90,12 @@ def test_select_coreset_size_uniqueness_and_seed(method: str) -> None:
 
 def test_select_coreset_all_and_full_ratio_keep_everything() -> None:
     features = torch.from_numpy(_continuous(50, 3, seed=6))
-    np.testing.assert_array_equal(select_coreset(features, method="all", ratio=0.1, projection_dim=2, seed=0), np.arange(50))
-    np.testing.assert_array_equal(select_coreset(features, method="greedy", ratio=1.0, projection_dim=2, seed=0), np.arange(50))
+    np.testing.assert_array_equal(
+        select_coreset(features, method="all", ratio=0.1, projection_dim=2, seed=0), np.arange(50)
+    )
+    np.testing.assert_array_equal(
+        select_coreset(features, method="greedy", ratio=1.0, projection_dim=2, seed=0), np.arange(50)
+    )
 
 
 def test_select_coreset_small_ratio_and_edge_cases() -> None:

@@ -1,0 +1,119 @@
+"""Two sessions at once keep separate data, models and working folders (AppTest, two threads fitting together)."""
+
+from __future__ import annotations
+
+import gc
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    if not WEIGHTS.is_file():
+        pytest.skip(f"real weights not found at {WEIGHTS} (expected ../shared/weights next to the repository)")
+    monkeypatch.setenv("SOFTPATCH_BACKBONE", "mobilenetv1_100")
+    monkeypatch.setenv("SOFTPATCH_WEIGHTS", str(WEIGHTS))
+    monkeypatch.setenv("SOFTPATCH_BACKBONE_KWARGS", '{"bn_eps": 0.001, "pad_type": "same"}')
+    monkeypatch.setenv("SOFTPATCH_RESIZE", "128")
+    monkeypatch.setenv("SOFTPATCH_CROP", "112")
+    monkeypatch.setenv("SOFTPATCH_DEVICE", "cpu")
+    monkeypatch.setenv("SOFTPATCH_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((100 + 30 * rng.random((40, 56, 3))).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def session(at: AppTest):
+    from softpatch_app.state import KEY
+
+    return at.session_state[KEY]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label.startswith(label))
+
+
+def test_two_sessions_fitting_at_once_stay_separate(env) -> None:
+    a = AppTest.from_file(APP, default_timeout=180).run()
+    b = AppTest.from_file(APP, default_timeout=180).run()
+    # Session B uploads its own folder; A keeps the demo.
+    b.radio(key="load_train_method").set_value("browser folder").run()
+    b.file_uploader(key="load_train_dir").set_value([(f"mine/{i}.png", png(i), "image/png") for i in range(7)]).run()
+    button(b, "Load this training folder").click().run()
+    assert len(session(b).train) == 7 and len(session(a).train) == 34
+
+    a.switch_page("pages/2_denoise.py").run()
+    b.switch_page("pages/2_denoise.py").run()
+    fit_a, fit_b = button(a, "Fit SoftPatch on 34"), button(b, "Fit SoftPatch on 7")
+    fit_a.click()
+    fit_b.click()
+    failures: list[BaseException] = []
+
+    def run(at: AppTest) -> None:
+        try:
+            at.run()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(at,)) for at in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures
+    for at in (a, b):
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+
+    sa, sb = session(a), session(b)
+    assert sa.workspace.path != sb.workspace.path
+    assert sa.model is not None and sb.model is not None and sa.model is not sb.model
+    assert len(sa.model_records) == 34 and len(sb.model_records) == 7
+    assert all(sb.workspace.path in r.path.parents for r in sb.model_records)
+    assert not any(sb.workspace.path in r.path.parents for r in sa.model_records)
+    assert not any(sa.workspace.path in r.path.parents for r in sb.model_records)
+    assert {r.name for r in sb.model_records}.isdisjoint({r.name for r in sa.model_records})
+
+
+def test_a_sessions_folder_goes_with_its_session(env) -> None:
+    """The working folder is tied to the session's state object: when Streamlit drops the session, it goes."""
+    from softpatch_app.state import _new_session, environment
+
+    data = _new_session(environment())
+    path = data.workspace.path
+    (data.workspace.subdir("uploads") / "x.png").write_bytes(png(1))
+    assert path.is_dir()
+    del data
+    gc.collect()
+    assert not path.exists()
+
+
+def test_stale_workspaces_are_removed_at_startup(env) -> None:
+    import os
+    import time
+
+    from softpatch.workspace import Workspace
+
+    old = Workspace.create(env / "work")
+    path = old.path
+    marker = path / ".softpatch-workspace"
+    past = time.time() - 48 * 3600
+    os.utime(marker, (past, past))
+    old._finalizer.detach()  # simulate a server restart: nobody owns the folder any more
+    AppTest.from_file(APP, default_timeout=180).run()
+    assert not path.exists()
