@@ -137,7 +137,14 @@ def loader(kind: str) -> None:
         )
         ready = bool(st.session_state.get(f"{slot_key}_path", "").strip())
     label = "Load the demo data" if method == "demo" else f"Load this {what}"
-    if st.button(label, key=f"{slot_key}_go", type="primary", disabled=not ready, icon=":material/download:"):
+    if st.button(
+        label,
+        key=f"{slot_key}_go",
+        type="primary",
+        disabled=not ready,
+        icon=":material/download:",
+        help="Reads every file once and lists the ones it cannot use. What is loaded now stays until this succeeds.",
+    ):
         with user_errors(f"load the {what}"):
             with st.spinner(f"Reading and checking every image of the {what}…"):
                 loaded, upload_dir = _read(kind, method, slot_key)
@@ -178,7 +185,12 @@ def add_images() -> None:
     )
     paths_text = st.session_state.get("add_paths", "")
     ready = bool(files) or bool(paths_text.strip())
-    if st.button("Add to the training set", disabled=not ready or session.train is None, icon=":material/add:"):
+    if st.button(
+        "Add to the training set",
+        disabled=not ready or session.train is None,
+        icon=":material/add:",
+        help="Appends the images to the current training set; fit again on the Denoise page afterwards.",
+    ):
         with user_errors("add the images"):
             extra = _read_extra(files, paths_text)
             if not len(extra):
@@ -301,7 +313,9 @@ with tab_add:
     add_images()
 with tab_test:
     loader("test")
-    if session.test is not None and st.button("Remove the test set", icon=":material/delete:"):
+    if session.test is not None and st.button(
+        "Remove the test set", icon=":material/delete:", help="Forget the test images (your files are not touched)."
+    ):
         session.set_test(None)
         st.rerun()
 

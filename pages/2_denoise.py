@@ -231,7 +231,12 @@ if st.session_state.get("_weights_error"):
         "its path (or start the app with `SOFTPATCH_WEIGHTS=/path/to/file`, see the README).\n"
         "2. **Try the workflow with random weights**: everything runs, but the results do not find real defects."
     )
-    st.button("Use random weights (workflow only)", on_click=use_random_weights, icon=":material/casino:")
+    st.button(
+        "Use random weights (workflow only)",
+        on_click=use_random_weights,
+        icon=":material/casino:",
+        help="Switches the weights to random so you can try every page; the results do not find real defects.",
+    )
 
 if session.model is None:
     st.info("Press **Fit** to start. On a CPU this takes seconds for the demo, minutes for a few hundred images.")

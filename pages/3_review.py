@@ -80,12 +80,15 @@ with st.container(border=True):
         f"label: **{current}**"
     )
     b = st.columns([1, 1.2, 1, 1, 1])
-    b[0].button("Previous", on_click=go, args=(-1,), shortcut="Left", icon=":material/arrow_back:", disabled=pos == 0)
+    b[0].button("Previous", on_click=go, args=(-1,), shortcut="Left", icon=":material/arrow_back:", disabled=pos == 0, help="Previous image (← key)")
     b[1].button(
-        "Defective", on_click=mark, args=("defective", i), shortcut="D", type="primary", icon=":material/report:"
+        "Defective", on_click=mark, args=("defective", i), shortcut="D", type="primary", icon=":material/report:",
+        help="This image shows a defect: it should not be in the training set (D key). Moves to the next image."
     )
-    b[2].button("Good", on_click=mark, args=("good", i), shortcut="G", icon=":material/check_circle:")
-    b[3].button("Unsure", on_click=mark, args=("unsure", i), shortcut="U", icon=":material/help:")
+    b[2].button("Good", on_click=mark, args=("good", i), shortcut="G", icon=":material/check_circle:",
+        help="This image is fine (G key). Moves to the next image.")
+    b[3].button("Unsure", on_click=mark, args=("unsure", i), shortcut="U", icon=":material/help:",
+        help="Cannot tell; decide later (U key). Moves to the next image.")
     b[4].button(
         "Next",
         on_click=go,
@@ -198,4 +201,5 @@ with c3:
                 mime="application/zip",
                 icon=":material/download:",
                 type="primary",
+                help="A .zip of every training image not marked defective, with its folder names.",
             )

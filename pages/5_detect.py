@@ -83,7 +83,12 @@ records = list(split.records)
 labelled = bool(split.labelled)
 detection = services.cached_detection(session, records, compare)
 if detection is None:
-    if st.button(f"Score {len(records)} images", type="primary", icon=":material/play_arrow:"):
+    if st.button(
+        f"Score {len(records)} images",
+        type="primary",
+        icon=":material/play_arrow:",
+        help="Computes each image's anomaly score and heatmap (and PatchCore's, when comparing).",
+    ):
         bars = StageProgress(st.container())
         with user_errors("score the images"):
             detection = services.score_test(session, records, labelled=labelled, progress=bars, compare=compare)

@@ -34,7 +34,12 @@ if session.test is not None:
     detection = services.cached_detection(session, records, True) or services.cached_detection(session, records, False)
     if detection is None:
         st.info("Score the test set first: its scores are what the threshold is chosen on.")
-        if st.button(f"Score the {len(records)} test images", type="primary", icon=":material/play_arrow:"):
+        if st.button(
+            f"Score the {len(records)} test images",
+            type="primary",
+            icon=":material/play_arrow:",
+            help="Scores the test set once; the threshold is then chosen on these scores.",
+        ):
             bars = StageProgress(st.container())
             with user_errors("score the test set"):
                 detection = services.score_test(
@@ -141,7 +146,12 @@ with c1:
         "**Model bundle** — one file with the backbone, the memory bank, the settings and the threshold; "
         "load it with `softpatch.load_bundle` or `softpatch score --bundle`."
     )
-    if st.button("Prepare the model bundle", icon=":material/inventory_2:", key="dp_bundle"):
+    if st.button(
+        "Prepare the model bundle",
+        icon=":material/inventory_2:",
+        key="dp_bundle",
+        help="Writes the fitted model and the threshold above into one file, then offers it for download.",
+    ):
         with user_errors("save the model bundle"), st.spinner("Writing the bundle…"):
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             path = session.workspace.subdir("exports") / f"{name}-{stamp}.softpatch"
@@ -160,13 +170,19 @@ with c1:
                 icon=":material/download:",
                 type="primary",
                 key="dp_bundle_dl",
+                help="The .softpatch file: load it with softpatch.load_bundle or the softpatch CLI.",
             )
 with c2:
     st.markdown(
         "**HTML report** — settings, removed-patch examples, the coreset map, heatmaps and metrics in one "
         "file that opens offline in any browser."
     )
-    if st.button("Prepare the report", icon=":material/summarize:", key="dp_report"):
+    if st.button(
+        "Prepare the report",
+        icon=":material/summarize:",
+        key="dp_report",
+        help="Builds one HTML file with the settings, examples, the coreset map, heatmaps and metrics.",
+    ):
         bars = StageProgress(st.container())
         with user_errors("build the report"), st.spinner("Building the report (a t-SNE map takes a few seconds)…"):
             html = build_session_report(session, detection, device=device_label(model.config.device), progress=bars)
@@ -182,4 +198,5 @@ with c2:
             icon=":material/download:",
             type="primary",
             key="dp_report_dl",
+            help="Opens in any browser, also offline.",
         )

@@ -89,7 +89,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise BundleError(f"{path.name} is not a readable SoftPatch bundle (damaged or truncated): {exc}") from None
     return metadata, tensors
 
@@ -147,7 +147,7 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
         backbone.load_state_dict(backbone_state, strict=True)
     except SoftPatchError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any mismatch means the stored backbone is unusable
         raise BundleError(f"{path.name}: the stored backbone weights do not fit {config.backbone!r}: {exc}") from None
     model = SoftPatch(config)
     model.device_ = resolve_device(config.device)

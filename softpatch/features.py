@@ -47,17 +47,21 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        # safetensors: an 8-byte header length, then the JSON header; recognised whatever the file is called.
+        if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing to a user
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = f" ({detail[:200]})" if len(detail) > 12 else ""
         raise WeightsError(
             f"cannot read weights file {path.name}: it is not a safetensors file or a plain torch state dict "
-            f"(pickled objects are refused for safety): {first_line[:200]}"
+            f"(pickled objects are refused for safety){detail}"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -132,7 +136,7 @@ def create_backbone(config: SoftPatchConfig) -> nn.Module:
                 model = timm.create_model(config.backbone, pretrained=False, **kwargs)
     except WeightsError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - timm raises many types; each becomes one clear sentence
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Unknown model" in text or "Invalid model" in text:
             raise WeightsError(f"unknown backbone {config.backbone!r}: not a timm model name") from None

@@ -144,7 +144,7 @@ def _identify_other_format(fh: io.BufferedIOBase) -> str | None:
         fh.seek(0)
         with Image.open(fh) as other:
             return str(other.format)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure just means "format unknown"
         return None
 
 
@@ -208,7 +208,7 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag; an unreadable EXIF block leaves the image as stored."""
     try:
         orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - broken EXIF must not cost the image
         return image
     method = _TRANSPOSE_FOR_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
     return image.transpose(method) if method is not None else image
@@ -344,7 +344,7 @@ def image_size(source: str | os.PathLike) -> tuple[int, int]:
             width, height = image.size
             try:
                 orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-            except Exception:
+            except Exception:  # noqa: BLE001 - broken EXIF must not cost the image
                 orientation = 1
     except FileNotFoundError:
         raise _failure("file not found", str(name)) from None
