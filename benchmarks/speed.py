@@ -106,6 +106,41 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class _RssSampler:
+    """Samples this process's resident memory every ``interval`` s; keeps the peak per named phase."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.phase = "setup"
+        self.peaks: dict[str, int] = {}
+        self._interval = interval
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _current(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = self._current()
+            except OSError:
+                return
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def stage_times(events: list[tuple[float, float, str]], start: float, end: float) -> dict[str, float]:
     """Seconds per progress stage from ``(time, fraction, "<stage>: ...")`` events.
 
@@ -157,8 +192,13 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
     rss_before_fit = _peak_rss_bytes()
     events: list[tuple[float, float, str]] = []
 
+    sampler = _RssSampler().__enter__()
+
     def progress(fraction: float, message: str) -> None:
         events.append((time.perf_counter(), fraction, message))
+        stage = message.split(":", 1)[0].strip()
+        # Work after a stage's last report belongs to whatever comes next, not yet named.
+        sampler.phase = f"after {stage}" if fraction >= 1.0 else stage
 
     config = SoftPatchConfig(**FIT_PARAMS, precision=args.precision, device=args.device)
     cpu0 = _cpu_seconds()
@@ -168,6 +208,7 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
     sync()
     t1 = time.perf_counter()
     fit_cpu_s = _cpu_seconds() - cpu0
+    sampler.phase = "after fit"
     stages = stage_times(events, t0, t1)
     rss_after_fit = _peak_rss_bytes()
     n = len(train)
@@ -193,10 +234,13 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
         "train_features_bytes": int(model.train_features_.numel() * model.train_features_.element_size()),
         "rss_before_fit_bytes": rss_before_fit,
         "peak_rss_fit_bytes": rss_after_fit,
+        "rss_peak_by_phase_bytes": sampler.peaks,
     }
     if args.fit_only:
+        sampler.__exit__()
         out["peak_rss_bytes"] = _peak_rss_bytes()
         return out
+    sampler.phase = "scoring"
 
     # score(paths) = embed(paths) + score(embeddings): timed in two parts to show where scoring time goes.
     t = time.perf_counter()
@@ -210,6 +254,7 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
     score_s = score_embed_s + score_search_s
     assert result.anomaly_maps is not None and len(result.image_scores) == len(score)
 
+    sampler.phase = "re-tune"
     timings: dict[str, float] = {}
     for name, change in (("retune_tau", {"tau": RETUNE_TAU}), ("retune_lof_k", {"lof_k": RETUNE_LOF_K})):
         t = time.perf_counter()
@@ -232,6 +277,7 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_bytes": _peak_rss_bytes(),
         }
     )
+    sampler.__exit__()
     if device.type == "cuda":
         out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
@@ -593,6 +639,14 @@ def format_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
             lines.append(f"\n[{device}] fit time per stage (median): {parts}")
         m = block["median"]
+        phases = block["runs"][0].get("rss_peak_by_phase_bytes")
+        if phases:
+            parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in phases.items())
+            lines.append(f"[{device}] peak RSS by phase (GB, run 1): {parts}")
+        scale = block.get("scale")
+        if scale and scale["large"].get("rss_peak_by_phase_bytes"):
+            parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in scale["large"]["rss_peak_by_phase_bytes"].items())
+            lines.append(f"[{device}] peak RSS by phase at {scale['large']['images']} images (GB): {parts}")
         if "score_embed_s" in m:
             lines.append(
                 f"[{device}] scoring {m['score_images']:.0f} images (median): features {m['score_embed_s']:.1f} s, "

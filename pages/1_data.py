@@ -231,7 +231,7 @@ def _read_extra(files, paths_text: str) -> ImageFolder:
                     loading.check_server_path(str(path.parent), env.server_roots)
                 load_image(path, env.limits)
                 records.append(ImageRecord(path.resolve(), relpath=path.name))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - each bad line is listed, the other lines still load
                 skipped.append(SkippedFile(str(path), str(exc)))
     return ImageFolder(Path("."), records, skipped)
 
@@ -269,7 +269,7 @@ def show_split(split: loading.LoadedSplit, kind: str) -> None:
                 with col:
                     try:
                         st.image(thumbnail_png(rec.path, 160, env.limits), caption=rec.name, width="stretch")
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - e.g. a file removed after loading
                         st.caption(f"{rec.name}: cannot show")
     with st.expander(f"Image sizes ({len(counts)} different)"):
         table = pd.DataFrame(

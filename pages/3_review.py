@@ -80,15 +80,40 @@ with st.container(border=True):
         f"label: **{current}**"
     )
     b = st.columns([1, 1.2, 1, 1, 1])
-    b[0].button("Previous", on_click=go, args=(-1,), shortcut="Left", icon=":material/arrow_back:", disabled=pos == 0, help="Previous image (← key)")
-    b[1].button(
-        "Defective", on_click=mark, args=("defective", i), shortcut="D", type="primary", icon=":material/report:",
-        help="This image shows a defect: it should not be in the training set (D key). Moves to the next image."
+    b[0].button(
+        "Previous",
+        on_click=go,
+        args=(-1,),
+        shortcut="Left",
+        icon=":material/arrow_back:",
+        disabled=pos == 0,
+        help="Previous image (← key)",
     )
-    b[2].button("Good", on_click=mark, args=("good", i), shortcut="G", icon=":material/check_circle:",
-        help="This image is fine (G key). Moves to the next image.")
-    b[3].button("Unsure", on_click=mark, args=("unsure", i), shortcut="U", icon=":material/help:",
-        help="Cannot tell; decide later (U key). Moves to the next image.")
+    b[1].button(
+        "Defective",
+        on_click=mark,
+        args=("defective", i),
+        shortcut="D",
+        type="primary",
+        icon=":material/report:",
+        help="This image shows a defect: it should not be in the training set (D key). Moves to the next image.",
+    )
+    b[2].button(
+        "Good",
+        on_click=mark,
+        args=("good", i),
+        shortcut="G",
+        icon=":material/check_circle:",
+        help="This image is fine (G key). Moves to the next image.",
+    )
+    b[3].button(
+        "Unsure",
+        on_click=mark,
+        args=("unsure", i),
+        shortcut="U",
+        icon=":material/help:",
+        help="Cannot tell; decide later (U key). Moves to the next image.",
+    )
     b[4].button(
         "Next",
         on_click=go,
@@ -96,6 +121,7 @@ with st.container(border=True):
         shortcut="Right",
         icon=":material/arrow_forward:",
         disabled=pos >= len(queue) - 1,
+        help="Next image (→ key)",
     )
     geom = geometry(session.model)
     left, right = st.columns(2)

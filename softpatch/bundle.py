@@ -28,6 +28,7 @@ _REQUIRED = {
     "bank.provenance": (2, torch.int64),
     "train.outlier_scores": (2, torch.float32),
     "train.removed": (2, torch.uint8),
+    "train.suspicion": (1, torch.float32),
 }
 
 
@@ -51,6 +52,7 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
         "bank.provenance": torch.from_numpy(np.ascontiguousarray(bank.provenance, dtype=np.int64)),
         "train.outlier_scores": torch.from_numpy(np.ascontiguousarray(model.outlier_scores_.reshape(n, -1))).float(),
         "train.removed": torch.from_numpy(model.removed_mask_.reshape(n, -1).astype(np.uint8)),
+        "train.suspicion": torch.from_numpy(np.ascontiguousarray(model.suspicion_, dtype=np.float32)),
     }
     for key, value in model._get_extractor().backbone.state_dict().items():
         tensors[_BACKBONE_PREFIX + key] = value.detach().cpu().contiguous()
@@ -135,6 +137,7 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
         bank_features.shape[1] == config.feature_dim,
         weights.shape == (m,) and provenance.shape == (m, 3),
         tensors["train.outlier_scores"].shape == (n, p) and tensors["train.removed"].shape == (n, p),
+        tensors["train.suspicion"].shape == (n,),
         bool(torch.isfinite(bank_features).all()) and bool(torch.isfinite(weights).all()),
         m == 0 or (int(provenance[:, 0].min()) >= 0 and int(provenance[:, 0].max()) < n),
         threshold is None or isinstance(threshold, (int, float)),
@@ -153,7 +156,7 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     model.device_ = resolve_device(config.device)
     model._extractor = FeatureExtractor(backbone, config).to(model.device_).to(memory_format=torch.channels_last)
     model.grid_shape_ = grid
-    state = _TrainingState(features=None, names=names, sizes=sizes)
+    state = _TrainingState(features=None, names=names, sizes=sizes, suspicion=tensors["train.suspicion"].numpy())
     model._state = state  # _score_key reads the number of training images from the state
     state.scores[model._score_key(config)] = tensors["train.outlier_scores"]
     model._bank = MemoryBank(bank_features, weights, provenance.numpy())

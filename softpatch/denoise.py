@@ -6,10 +6,6 @@ import math
 
 import numpy as np
 
-# Share of an image's patches whose outlier scores make up its suspicion (at least _SUSPICION_MIN_PATCHES).
-_SUSPICION_TOP_SHARE = 0.1
-_SUSPICION_MIN_PATCHES = 3
-
 
 def select_removed(scores: np.ndarray, tau: float, scope: str) -> np.ndarray:
     """The patches removed as noise: the top ``tau`` of ``scores`` ``(N, P)``; returns a bool ``(N, P)`` mask.
@@ -50,20 +46,19 @@ def soft_weights(scores: np.ndarray) -> np.ndarray:
     return (scores / median).astype(np.float32)
 
 
-def image_suspicion(scores: np.ndarray) -> np.ndarray:
-    """How likely each training image is defective, from its patch outlier scores ``(N, P)``; ``(N,)``.
+def image_suspicion(neighbour_distances: np.ndarray) -> np.ndarray:
+    """How likely each training image is defective; ``(N, P)`` -> ``(N,)``, higher = more suspicious.
 
-    Each patch score is divided by the median score at its position (so that naturally busy regions
-    of the part do not count against every image), then an image's suspicion is the mean of its
-    highest 10% of patches: a defect is local, so the image's worst region decides (measured on battery_weld
-    and magnetic_tile, 10% ranked planted defects higher than the single worst 1%).
+    ``neighbour_distances`` is each patch's mean distance to the same position in its k most similar
+    other images. Each is divided by the median at its position (so naturally busy regions of the part
+    do not count against every image), then averaged over the image. Measured on battery_weld with 3
+    defective images planted among 37 good ones (20 draws), this ranked more of them in the top 3 than
+    the LOF scores or the image's worst 10% of patches (1.5-1.75 of 3 against 0.2-0.9), and it ranks the
+    demo's four planted defects first.
     """
-    n, p = scores.shape
+    n = neighbour_distances.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.float32)
-    median = np.median(scores, axis=0, keepdims=True)
-    relative = scores / np.where(median > 0, median, 1.0)
-    top = max(_SUSPICION_MIN_PATCHES, math.ceil(_SUSPICION_TOP_SHARE * p))
-    top = min(top, p)
-    highest = np.partition(relative, p - top, axis=1)[:, p - top :]
-    return highest.mean(axis=1).astype(np.float32)
+    median = np.median(neighbour_distances, axis=0, keepdims=True)
+    relative = neighbour_distances / np.where(median > 0, median, 1.0)
+    return relative.mean(axis=1).astype(np.float32)

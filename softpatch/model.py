@@ -123,6 +123,7 @@ class _TrainingState:
     scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # discriminator key -> (N, P)
     projections: dict[tuple, np.ndarray] = field(default_factory=dict)  # (dim, seed) -> (N*P, dim)
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
+    suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
 
 
 def _feature_key(config: SoftPatchConfig) -> str:
@@ -309,7 +310,7 @@ class SoftPatch:
         params = self._params()
         budget = work_budget(self.device_)
         if state.neighbours is None or state.neighbours.k < min(params.lof_k, n - 1):
-            k = max(NEIGHBOUR_CACHE_K, params.lof_k)
+            k = min(max(NEIGHBOUR_CACHE_K, params.lof_k), n - 1)
             state.neighbours = compute_neighbours(
                 state.features, k, device=self.device_, budget_bytes=budget, progress=progress
             )
@@ -484,10 +485,32 @@ class SoftPatch:
     def backbone_info_(self) -> BackboneInfo:
         return backbone_info(self._get_extractor().backbone, self.config)
 
+    def _neighbours(self) -> NeighbourCache | None:
+        """The per-position k-NN cache, computed on first need (None with fewer than 2 images)."""
+        state = self._check_fitted()
+        n = len(state.names)
+        k = min(max(NEIGHBOUR_CACHE_K, self.config.lof_k), n - 1)
+        if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
+            state.neighbours = compute_neighbours(
+                state.features, k, device=self.device_, budget_bytes=work_budget(self.device_)
+            )
+        return state.neighbours
+
+    @property
+    def suspicion_(self) -> np.ndarray:
+        """``(N,)`` image-level suspicion: mean relative distance to the k = lof_k most similar images."""
+        state = self._check_fitted()
+        if state.suspicion is not None:
+            return state.suspicion
+        neighbours = self._neighbours()
+        if neighbours is None:
+            return np.zeros(len(state.names), dtype=np.float32)
+        k = max(1, min(self.config.lof_k, neighbours.k))
+        return image_suspicion(neighbours.dist[:, :, :k].mean(-1).T.numpy())
+
     def vetting_report(self) -> VettingReport:
-        """Training images ranked by suspicion under the current discriminator."""
-        scores = self._ensure_scores(None).numpy()
-        suspicion = image_suspicion(scores)
+        """Training images ranked by suspicion (image level), with their removed share (patch level)."""
+        suspicion = self.suspicion_
         ranking = np.argsort(-suspicion, kind="stable")
         return VettingReport(list(self.train_names_), suspicion, self.removed_fraction_, ranking)
 

@@ -96,7 +96,7 @@ def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
     for p in paths:
         try:
             out.append(_image_size(file_token(p)))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a file that vanished after loading: size unknown
             out.append((0, 0))
     return out
 

@@ -125,6 +125,8 @@ def _new_session(env: Environment) -> SessionData:
         log.exception("cleanup of stale workspaces failed")
     workspace = Workspace.create(env.workdir)
     data = SessionData(workspace=workspace, settings=env.settings)
+    for warning in env.warnings:  # a bad environment variable: say so once, carry on with the default
+        data.notify("warning", f"Setting ignored: {warning}")
     workspace.register_cleanup(data)  # the folder goes when the session's state is dropped
     return data
 

@@ -25,7 +25,7 @@ PAGES = {
 def device_label(device: str) -> str:
     try:
         return describe_device(resolve_device(device))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. "cuda" asked for on a machine without a GPU
         return f"unavailable ({message_for(exc)})"
 
 

@@ -294,3 +294,12 @@ def test_hostile_corpus_through_the_app(env) -> None:
             assert refused[0].reason in errors(at).lower(), (archive.name, errors(at))
         # Nothing is ever written outside this session's workspace.
         assert not any(dest.parent.glob("*.txt")), "an archive wrote outside its folder"
+
+
+def test_bad_environment_values_are_shown_once(env, monkeypatch) -> None:
+    monkeypatch.setenv("SOFTPATCH_DEVICE", "tpu")
+    at = start()
+    no_traceback(at)
+    assert any("SOFTPATCH_DEVICE" in w.value for w in at.warning)
+    at.run()
+    assert not any("SOFTPATCH_DEVICE" in w.value for w in at.warning)

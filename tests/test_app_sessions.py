@@ -67,7 +67,7 @@ def test_two_sessions_fitting_at_once_stay_separate(env) -> None:
     def run(at: AppTest) -> None:
         try:
             at.run()
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below  # reported below
             failures.append(exc)
 
     threads = [threading.Thread(target=run, args=(at,)) for at in (a, b)]

@@ -75,14 +75,20 @@ def test_soft_weights_fall_back_to_ones_without_a_usable_median(bad: float) -> N
     np.testing.assert_array_equal(soft_weights(scores), np.ones((3, 4), dtype=np.float32))
 
 
-def test_image_suspicion_ranks_an_image_with_a_few_very_high_patches_first() -> None:
+def test_image_suspicion_ranks_an_image_with_a_defect_region_first() -> None:
     scores = _scores(12, 64, seed=3) * 0.1 + 1.0
-    scores[7, [5, 6, 13, 14]] = 8.0  # a small defect
-    scores[2] *= 1.3  # uniformly a bit busier: less suspicious than a local defect
+    scores[7, [5, 6, 13, 14, 21, 22, 29, 30]] = 8.0  # a defect covering an eighth of the part
     suspicion = image_suspicion(scores)
     assert suspicion.shape == (12,)
     assert int(np.argmax(suspicion)) == 7
-    assert suspicion[7] > 2 * np.median(suspicion)
+    assert suspicion[7] > 1.5 * np.median(suspicion)
+
+
+def test_image_suspicion_counts_an_image_that_differs_everywhere() -> None:
+    # e.g. a wrong part or lighting: no single patch stands out, the whole image is far from the rest
+    scores = _scores(12, 64, seed=3) * 0.1 + 1.0
+    scores[4] *= 1.6
+    assert int(np.argmax(image_suspicion(scores))) == 4
 
 
 def test_image_suspicion_is_invariant_to_per_position_and_global_scale() -> None:

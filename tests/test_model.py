@@ -421,6 +421,13 @@ def test_vetting_report_ranks_the_defective_training_images_first(fitted: SoftPa
     np.testing.assert_array_equal(report.removed_fraction, fitted.removed_fraction_)
 
 
+def test_suspicion_does_not_depend_on_tau_but_the_removed_share_does(fitted: SoftPatch) -> None:
+    before = fitted.vetting_report()
+    after = fitted.retune(tau=0.3).vetting_report()
+    np.testing.assert_array_equal(after.suspicion, before.suspicion)
+    assert after.removed_fraction.mean() > before.removed_fraction.mean()
+
+
 def test_vetting_needs_no_memory_bank(small_config: SoftPatchConfig, extractor, train_embeddings) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
