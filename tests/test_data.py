@@ -359,7 +359,7 @@ def test_noise_fraction_rounding() -> None:
 
 def test_noisy_split_errors() -> None:
     ds = _dataset(n_train=10, n_bad=2)
-    with pytest.raises(DataError, match="needs 3 anomalous test images .* has only 2"):
+    with pytest.raises(DataError, match=r"needs 3 anomalous test images .* has only 2"):
         make_noisy_split(ds, noise=0.3, overlap=False, seed=0)
     with pytest.raises(DataError, match="noise must be"):
         make_noisy_split(ds, noise=-0.1, overlap=False, seed=0)

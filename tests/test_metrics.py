@@ -102,7 +102,7 @@ def test_image_auroc_one_class_is_a_clear_error(labels):
 def test_image_auroc_rejects_bad_input():
     with pytest.raises(ValueError, match="same length"):
         image_auroc([0, 1], [0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="0 .good. or 1"):
+    with pytest.raises(ValueError, match=r"0 .good. or 1"):
         image_auroc([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="NaN"):
         image_auroc([0, 1], [0.1, np.nan])
