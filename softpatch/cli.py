@@ -59,6 +59,9 @@ def _add_denoise_options(parser: argparse.ArgumentParser, *, with_discriminator:
     group.add_argument("--lof-k", type=int, default=6, help="LOF neighbours (default 6)")
     group.add_argument("--coreset-ratio", type=float, default=0.1, help="memory bank share of kept patches")
     group.add_argument("--no-soft-weight", action="store_true", help="plain distances at test time")
+    group.add_argument(
+        "--search-candidates", type=int, default=0, help="0 = exact search; k = re-rank k projected candidates (faster)"
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the coreset (a fit is reproducible)")
 
 
@@ -80,6 +83,7 @@ def _config(args: argparse.Namespace) -> SoftPatchConfig:
         lof_k=args.lof_k,
         coreset_ratio=args.coreset_ratio,
         soft_weight=not args.no_soft_weight,
+        search_candidates=args.search_candidates,
         seed=args.seed,
     )
 

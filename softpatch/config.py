@@ -52,6 +52,7 @@ class SoftPatchConfig:
     coreset: str = "greedy"  # "greedy" k-centre, "random", or "all" kept patches
     coreset_ratio: float = 0.1  # memory bank size as a fraction of kept patches
     projection_dim: int = 128  # random projection used by the greedy coreset
+    search_candidates: int = 0  # 0: exact search; k > 0: re-rank k candidates found in the projection (faster)
     # --- anomaly maps
     blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in crop pixels
     # --- runtime
@@ -93,6 +94,7 @@ class SoftPatchConfig:
             (self.coreset in CORESET_METHODS, f"coreset must be one of {CORESET_METHODS}, got {self.coreset!r}"),
             (0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
             (self.projection_dim >= 1, f"projection_dim must be >= 1, got {self.projection_dim}"),
+            (self.search_candidates >= 0, f"search_candidates must be >= 0, got {self.search_candidates}"),
             (self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
         ]
@@ -108,7 +110,17 @@ class SoftPatchConfig:
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("resize", "crop", "feature_dim", "patch_size", "batch_size", "lof_k", "projection_dim", "seed"):
+        for name in (
+            "resize",
+            "crop",
+            "feature_dim",
+            "patch_size",
+            "batch_size",
+            "lof_k",
+            "projection_dim",
+            "seed",
+            "search_candidates",
+        ):
             if not is_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("gaussian_reg", "tau", "coreset_ratio", "blur_sigma"):

@@ -31,6 +31,7 @@ class MemoryBank:
     weights: torch.Tensor
     provenance: np.ndarray
     _faiss_index: object | None = None
+    _projected: tuple[torch.Tensor, object] | None = None  # (projection matrix, faiss index of projected rows)
 
     def __post_init__(self) -> None:
         m = self.features.shape[0]
@@ -43,13 +44,42 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def search(self, queries: torch.Tensor, device: torch.device) -> NeighbourMatch:
-        """Nearest bank row of each ``(Q, D)`` query: faiss (exact) on CPU, chunked torch on CUDA."""
+    def search(
+        self,
+        queries: torch.Tensor,
+        device: torch.device,
+        *,
+        candidates: int = 0,
+        projection: torch.Tensor | None = None,
+    ) -> NeighbourMatch:
+        """Nearest bank row of each ``(Q, D)`` query: faiss (exact) on CPU, chunked torch on CUDA.
+
+        With ``candidates`` > 0 and a ``projection`` ``(D, d)`` (CPU only), the ``candidates`` nearest
+        rows are first found in the projected space, then re-ranked by their exact distance: about
+        D/d times less work, and the distance returned is always the exact one to the row chosen.
+        """
         if len(self) == 0:
             raise ValueError("the memory bank is empty: every patch was removed (lower tau)")
         if device.type == "cuda":
             return self._search_torch(queries, device)
+        if candidates > 0 and projection is not None and candidates < len(self):
+            return self._search_reranked(queries, candidates, projection)
         return self._search_faiss(queries)
+
+    def _search_reranked(self, queries: torch.Tensor, candidates: int, projection: torch.Tensor) -> NeighbourMatch:
+        import faiss
+
+        if self._projected is None or self._projected[0] is not projection:
+            index = faiss.IndexFlatL2(projection.shape[1])
+            index.add(np.ascontiguousarray((self.features @ projection).numpy(), dtype=np.float32))
+            self._projected = (projection, index)
+        q = queries.detach().cpu().float()
+        _, nearest = self._projected[1].search(np.ascontiguousarray((q @ projection).numpy()), candidates)
+        nearest = torch.from_numpy(nearest.astype(np.int64))  # (Q, k)
+        exact = (self.features[nearest] - q.unsqueeze(1)).norm(dim=2)  # (Q, k) plain L2
+        best = exact.argmin(dim=1)
+        rows = torch.arange(q.shape[0])
+        return NeighbourMatch(exact[rows, best], nearest[rows, best])
 
     def _search_faiss(self, queries: torch.Tensor) -> NeighbourMatch:
         import faiss

@@ -36,7 +36,7 @@ from softpatch.images import ImageTransform, load_image
 from softpatch.memory_bank import MemoryBank
 from softpatch.progress import ProgressCallback, report
 from softpatch.resources import available_memory, estimate_fit_memory, work_budget
-from softpatch.sampler import random_projection, select_coreset
+from softpatch.sampler import projection_matrix, random_projection, select_coreset
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
 
@@ -59,6 +59,7 @@ RETUNE_FIELDS = frozenset(
         "projection_dim",
         "seed",
         "blur_sigma",
+        "search_candidates",
         "batch_size",
         "precision",
         "device",
@@ -153,6 +154,7 @@ class SoftPatch:
         self._bank: MemoryBank | None = None
         self._bank_key: tuple | None = None
         self.threshold_: float | None = None
+        self._projection_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Sequence[ImageInput], *, progress: ProgressCallback | None = None) -> SoftPatch:
@@ -399,6 +401,13 @@ class SoftPatch:
         report(progress, 1.0, f"coreset: memory bank of {chosen.size} patches ready")
         return self._bank
 
+    def _search_projection(self, dim: int) -> torch.Tensor:
+        """The seeded ``(D, projection_dim)`` matrix of the candidate search; one object per model."""
+        key = (dim, self.config.projection_dim, self.config.seed)
+        if self._projection_cache is None or self._projection_cache[0] != key:
+            self._projection_cache = (key, projection_matrix(dim, self.config.projection_dim, self.config.seed))
+        return self._projection_cache[1]
+
     @property
     def memory_bank_(self) -> MemoryBank:
         return self.build_memory_bank()
@@ -421,10 +430,19 @@ class SoftPatch:
         bank = self.build_memory_bank()
         n, p, d = embeddings.features.shape
         patch_scores = torch.empty(n, p)
-        step = max(1, 65536 // max(p, 1))
+        projection = None
+        if self.config.search_candidates > 0:
+            projection = self._search_projection(d)
+        # Re-ranking gathers (queries x candidates x D) floats: keep chunks to a few hundred MB.
+        step = max(1, 65536 // max(p, 1) // max(1, self.config.search_candidates // 4))
         for start in range(0, n, step):
             stop = min(n, start + step)
-            match = bank.search(embeddings.features[start:stop].reshape(-1, d), self.device_)
+            match = bank.search(
+                embeddings.features[start:stop].reshape(-1, d),
+                self.device_,
+                candidates=self.config.search_candidates,
+                projection=projection,
+            )
             weighted = bank.weights[match.index] * match.distance
             patch_scores[start:stop] = weighted.reshape(stop - start, p)
             report(progress, stop / n, f"scoring: {stop}/{n} images")

@@ -15,14 +15,18 @@ import torch
 from softpatch.progress import ProgressCallback, report
 
 
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """A seeded ``(in_dim, out_dim)`` Gaussian projection that roughly preserves distances (Johnson-Lindenstrauss)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
+
+
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> np.ndarray:
-    """Project ``(M, D)`` features to ``(M, dim)`` with a seeded Gaussian matrix (Johnson-Lindenstrauss)."""
-    _m, d = features.shape
+    """Project ``(M, D)`` features to ``(M, dim)`` with ``projection_matrix`` (a copy when ``dim >= D``)."""
+    d = features.shape[1]
     if dim >= d:
         return features.float().numpy().astype(np.float32, copy=True)
-    generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(d, dim, generator=generator) / math.sqrt(dim)
-    return (features.float() @ matrix).numpy()
+    return (features.float() @ projection_matrix(d, dim, seed)).numpy()
 
 
 def greedy_coreset_reference(points: np.ndarray, n_select: int, start: int) -> np.ndarray:

@@ -101,3 +101,34 @@ def test_empty_bank_is_an_error() -> None:
 def test_inconsistent_parts_are_refused(features: torch.Tensor, weights: torch.Tensor, provenance: np.ndarray) -> None:
     with pytest.raises(ValueError, match="inconsistent"):
         MemoryBank(features, weights, provenance)
+
+
+def test_reranked_search_returns_the_exact_distance_of_the_row_it_chose() -> None:
+    from softpatch.sampler import projection_matrix
+
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(500, 64)).astype(np.float32)
+    bank = MemoryBank(torch.from_numpy(rows), torch.ones(500), np.zeros((500, 3), np.int64))
+    # Test patches lie near some nominal patch (isotropic noise would make every distance alike).
+    near = rows[rng.integers(500, size=200)] + 0.3 * rng.normal(size=(200, 64)).astype(np.float32)
+    queries = torch.from_numpy(near)
+    exact = bank.search(queries, torch.device("cpu"))
+    approx = bank.search(queries, torch.device("cpu"), candidates=32, projection=projection_matrix(64, 16, 0))
+    direct = (bank.features[approx.index] - queries).norm(dim=1)
+    torch.testing.assert_close(approx.distance, direct, rtol=1e-5, atol=1e-5)
+    assert torch.all(approx.distance >= exact.distance - 1e-4), "never closer than the true nearest row"
+    assert (approx.index == exact.index).float().mean() > 0.9, "32 projected candidates almost always hold the winner"
+
+
+def test_reranked_search_with_every_row_as_candidate_is_exact() -> None:
+    from softpatch.sampler import projection_matrix
+
+    rng = np.random.default_rng(8)
+    bank = MemoryBank(
+        torch.from_numpy(rng.normal(size=(40, 16)).astype(np.float32)), torch.ones(40), np.zeros((40, 3), np.int64)
+    )
+    queries = torch.from_numpy(rng.normal(size=(30, 16)).astype(np.float32))
+    exact = bank.search(queries, torch.device("cpu"))
+    approx = bank.search(queries, torch.device("cpu"), candidates=39, projection=projection_matrix(16, 4, 1))
+    # 39 of 40 rows: only the projected-farthest row is excluded, which is never the nearest here.
+    assert torch.equal(approx.index, exact.index)

@@ -489,3 +489,12 @@ def test_a_refused_retune_leaves_the_config_unchanged(fitted: SoftPatch) -> None
     with pytest.raises(SoftPatchError, match="cuda"):
         fitted.retune(device="cuda")
     assert fitted.config == config
+
+
+def test_candidate_search_is_a_scoring_setting_close_to_exact(fitted: SoftPatch, eval_embeddings) -> None:
+    exact = fitted.score(eval_embeddings, with_maps=False)
+    bank = fitted.memory_bank_
+    fast = fitted.retune(search_candidates=16).score(eval_embeddings, with_maps=False)
+    assert fitted.memory_bank_ is bank, "changing the search does not rebuild the memory bank"
+    assert np.all(fast.patch_scores >= exact.patch_scores - 1e-4)
+    np.testing.assert_allclose(fast.image_scores, exact.image_scores, rtol=0.05)
