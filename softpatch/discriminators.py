@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softpatch.chunking import run_in_chunks
 from softpatch.progress import ProgressCallback, report
 
 # Neighbours kept per patch in the cache: LOF-k up to this re-tunes without touching features.
@@ -202,9 +203,8 @@ def compute_neighbours(
     dist_out = torch.empty(p, n, k, dtype=torch.float32)
     index_out = torch.empty(p, n, k, dtype=torch.int32)
     step = _positions_per_chunk(n, d, budget_bytes, with_features=True)
-    eye = None
-    for start in range(0, p, step):
-        stop = min(p, start + step)
+
+    def work(start: int, stop: int, device: torch.device) -> None:
         x = features[:, start:stop].to(device, non_blocking=True).transpose(0, 1).float().contiguous()  # (Pc, N, D)
         # Translate each position so that one of its points is the origin: distances are unchanged, but the
         # expanded form |a|^2+|b|^2-2ab no longer cancels a large common component (float32 precision).
@@ -213,13 +213,13 @@ def compute_neighbours(
         squared_norm = x.square().sum(-1)
         dist = squared_norm.unsqueeze(2) + squared_norm.unsqueeze(1) - 2 * (x @ x.transpose(1, 2))
         dist = dist.clamp_min_(0).sqrt_()
-        if eye is None or eye.shape[0] != n:
-            eye = torch.eye(n, dtype=torch.bool, device=device)
-        dist.masked_fill_(eye, math.inf)  # a patch is not its own neighbour
+        dist.masked_fill_(torch.eye(n, dtype=torch.bool, device=device), math.inf)  # not its own neighbour
         values, indices = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
         dist_out[start:stop] = values.cpu()
         index_out[start:stop] = indices.to(torch.int32).cpu()
         report(progress, stop / p, f"discriminator: neighbours at {stop}/{p} positions")
+
+    run_in_chunks(p, step, device, work)
     return NeighbourCache(dist_out, index_out)
 
 
@@ -247,8 +247,8 @@ def score_patches(
     dim = features.shape[-1] if features is not None else 1
     step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features)
     out = torch.empty(n, p, dtype=torch.float32)
-    for start in range(0, p, step):
-        stop = min(p, start + step)
+
+    def work(start: int, stop: int, device: torch.device) -> None:
         chunk = PositionChunk(
             features=features[:, start:stop].to(device).transpose(0, 1) if use_features else None,
             knn_dist=neighbours.dist[start:stop].to(device),
@@ -256,4 +256,6 @@ def score_patches(
         )
         out[:, start:stop] = discriminator.score(chunk, params).transpose(0, 1).float().cpu()
         report(progress, stop / p, f"discriminator: {name} at {stop}/{p} positions")
+
+    run_in_chunks(p, step, device, work)
     return out
