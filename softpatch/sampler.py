@@ -14,6 +14,9 @@ import torch
 
 from softpatch.progress import ProgressCallback, report
 
+# Size of one block of the per-round distance update: memory stays flat in the number of patches.
+_UPDATE_BLOCK_BYTES = 64 * 1024**2
+
 
 def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
     """A seeded ``(in_dim, out_dim)`` Gaussian projection that roughly preserves distances (Johnson-Lindenstrauss)."""
@@ -86,8 +89,12 @@ def greedy_coreset(
             selected.extend(rest[: n_select - len(selected)].tolist())
             break
         centres = points[round_centres]  # (B, d)
-        block = sq_norm[:, None] - 2.0 * (points @ centres.T) + sq_norm[round_centres][None, :]
-        np.minimum(min_dist, np.maximum(block.min(axis=1), 0.0), out=min_dist)
+        centre_sq = sq_norm[round_centres][None, :]
+        # Row blocks keep the (rows x B) distance block near _UPDATE_BLOCK_BYTES instead of M x B.
+        rows = max(1, _UPDATE_BLOCK_BYTES // (4 * len(round_centres)))
+        for r in range(0, m, rows):
+            block = sq_norm[r : r + rows, None] - 2.0 * (points[r : r + rows] @ centres.T) + centre_sq
+            np.minimum(min_dist[r : r + rows], np.maximum(block.min(axis=1), 0.0), out=min_dist[r : r + rows])
         min_dist[round_centres] = 0.0
         if len(selected) >= next_report:
             report(progress, len(selected) / n_select, f"coreset: {len(selected)}/{n_select} patches chosen")
