@@ -7,6 +7,7 @@ resnet18 at crop 64 takes well under a second.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,19 +149,24 @@ def mobilenet_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mobilenet_config(mobilenet_weights: Path) -> SoftPatchConfig:
+def mobilenet_config(mobilenet_weights: Path, small_config: SoftPatchConfig) -> SoftPatchConfig:
     """The real ImageNet mobilenetv1 from the shared folder, at the small geometry."""
-    return SoftPatchConfig(
-        backbone="mobilenetv1_100",
-        backbone_kwargs=MOBILENET_KWARGS,
-        weights=str(mobilenet_weights),
-        resize=72,
-        crop=64,
-        layers=(2, 3),
-        feature_dim=96,
-        batch_size=8,
-        device="cpu",
+    return small_config.replace(
+        backbone="mobilenetv1_100", backbone_kwargs=MOBILENET_KWARGS, weights=str(mobilenet_weights)
     )
+
+
+@pytest.fixture
+def app_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mobilenet_weights: Path) -> Path:
+    """App settings for tests: the real mobilenet at 128/112 on the CPU, a private work folder."""
+    monkeypatch.setenv("SOFTPATCH_BACKBONE", "mobilenetv1_100")
+    monkeypatch.setenv("SOFTPATCH_WEIGHTS", str(mobilenet_weights))
+    monkeypatch.setenv("SOFTPATCH_BACKBONE_KWARGS", json.dumps(MOBILENET_KWARGS))
+    monkeypatch.setenv("SOFTPATCH_RESIZE", "128")
+    monkeypatch.setenv("SOFTPATCH_CROP", "112")
+    monkeypatch.setenv("SOFTPATCH_DEVICE", "cpu")
+    monkeypatch.setenv("SOFTPATCH_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -18,17 +18,8 @@ WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safet
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path):
-    if not WEIGHTS.is_file():
-        pytest.skip(f"real weights not found at {WEIGHTS} (expected ../shared/weights next to the repository)")
-    monkeypatch.setenv("SOFTPATCH_BACKBONE", "mobilenetv1_100")
-    monkeypatch.setenv("SOFTPATCH_WEIGHTS", str(WEIGHTS))
-    monkeypatch.setenv("SOFTPATCH_BACKBONE_KWARGS", '{"bn_eps": 0.001, "pad_type": "same"}')
-    monkeypatch.setenv("SOFTPATCH_RESIZE", "128")
-    monkeypatch.setenv("SOFTPATCH_CROP", "112")
-    monkeypatch.setenv("SOFTPATCH_DEVICE", "cpu")
-    monkeypatch.setenv("SOFTPATCH_WORK_DIR", str(tmp_path / "work"))
-    return tmp_path
+def env(app_env):
+    return app_env
 
 
 def png(seed: int) -> bytes:
