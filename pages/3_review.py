@@ -89,31 +89,22 @@ with st.container(border=True):
         disabled=pos == 0,
         help="Previous image (← key)",
     )
-    b[1].button(
-        "Defective",
-        on_click=mark,
-        args=("defective", i),
-        shortcut="D",
-        type="primary",
-        icon=":material/report:",
-        help="This image shows a defect: it should not be in the training set (D key). Moves to the next image.",
+    # (label, key, icon, meaning): one button per label, each moving on to the next image.
+    label_buttons = (
+        ("defective", "D", ":material/report:", "This image shows a defect: it should not be in the training set"),
+        ("good", "G", ":material/check_circle:", "This image is fine"),
+        ("unsure", "U", ":material/help:", "Cannot tell; decide later"),
     )
-    b[2].button(
-        "Good",
-        on_click=mark,
-        args=("good", i),
-        shortcut="G",
-        icon=":material/check_circle:",
-        help="This image is fine (G key). Moves to the next image.",
-    )
-    b[3].button(
-        "Unsure",
-        on_click=mark,
-        args=("unsure", i),
-        shortcut="U",
-        icon=":material/help:",
-        help="Cannot tell; decide later (U key). Moves to the next image.",
-    )
+    for column, (label, key, icon, meaning) in zip(b[1:4], label_buttons, strict=True):
+        column.button(
+            label.capitalize(),
+            on_click=mark,
+            args=(label, i),
+            shortcut=key,
+            type="primary" if label == "defective" else "secondary",
+            icon=icon,
+            help=f"{meaning} ({key} key). Moves to the next image.",
+        )
     b[4].button(
         "Next",
         on_click=go,

@@ -29,7 +29,7 @@ def run_in_chunks(total: int, step: int, device: torch.device, work: Callable[[i
             if step > 1:
                 step = max(1, step // 2)
             else:
-                warnings.warn("the GPU ran out of memory: continuing this step on the CPU", stacklevel=2)
+                warnings.warn("the GPU ran out of memory: continuing on the CPU", stacklevel=2)
                 device = torch.device("cpu")
             continue
         start = stop

@@ -130,8 +130,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _score_inputs(paths: Sequence[str]) -> list:
-    from softpatch.data import scan_images
-
     records = []
     for raw in paths:
         path = Path(raw)
@@ -143,7 +141,6 @@ def _score_inputs(paths: Sequence[str]) -> list:
             raise SoftPatchError(f"no such file or folder: {raw}")
     if not records:
         raise SoftPatchError("no readable images to score")
-    del scan_images
     return records
 
 

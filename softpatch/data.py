@@ -320,8 +320,9 @@ def scan_images(root: str | os.PathLike, *, limits: LoadLimits | None = None) ->
 # ---------------------------------------------------------------- MVTec AD layout
 
 
-def _mask_index(gt_folder: Path) -> dict[str, Path]:
-    """Mask files of one ground_truth/<defect>/ folder by relative "/" path (not decoded here)."""
+def mask_index(gt_folder: Path) -> dict[str, Path]:
+    """Mask files of one ground_truth/<defect>/ folder by relative "/" path (not decoded here; hidden files,
+    outside-pointing symlinks skipped). Empty when the folder does not exist."""
     index: dict[str, Path] = {}
     if not gt_folder.is_dir():
         return index
@@ -331,7 +332,7 @@ def _mask_index(gt_folder: Path) -> dict[str, Path]:
     return index
 
 
-def _find_mask(rel_in_defect: PurePosixPath, masks: dict[str, Path]) -> Path | None:
+def find_mask(rel_in_defect: PurePosixPath, masks: dict[str, Path]) -> Path | None:
     """``<stem>_mask.<ext>`` (MVTec), the exact same name, or the same stem with any image extension."""
     parent, stem = rel_in_defect.parent, rel_in_defect.stem
     options = [str(parent / f"{stem}_mask{ext}") for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
@@ -398,11 +399,11 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> 
             records, skipped = _scan_folder(defect_dir, limits, prefix=PurePosixPath("test", defect))
             test_skipped.extend(skipped)
             label = 0 if defect == GOOD else 1
-            masks = {} if label == 0 else _mask_index(base / "ground_truth" / defect)
+            masks = {} if label == 0 else mask_index(base / "ground_truth" / defect)
             prefix_len = len(("test", defect))
             for record in records:
                 rel_in_defect = PurePosixPath(*PurePosixPath(record.relpath).parts[prefix_len:])
-                mask = _find_mask(rel_in_defect, masks) if label else None
+                mask = find_mask(rel_in_defect, masks) if label else None
                 if mask is not None:
                     masks_to_check.append((len(test_records), mask))
                 test_records.append(

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from softpatch.anomaly_map import anomaly_maps
+from softpatch.chunking import run_in_chunks
 from softpatch.config import SoftPatchConfig
 from softpatch.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.device import resolve_device
@@ -254,24 +255,18 @@ class SoftPatch:
         return Embeddings(out, names, sizes, _feature_key(self.config))
 
     def _forward_with_fallback(self, extractor: FeatureExtractor, batch: torch.Tensor) -> torch.Tensor:
-        """Run a batch; on a GPU out-of-memory, retry in halves, then on the CPU, keeping work already done."""
-        device = next(extractor.parameters()).device
-        try:
-            return extractor(batch.to(device, non_blocking=True)).cpu()
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch.shape[0] > 1:
-                half = batch.shape[0] // 2
-                return torch.cat(
-                    [
-                        self._forward_with_fallback(extractor, batch[:half]),
-                        self._forward_with_fallback(extractor, batch[half:]),
-                    ]
-                )
-            warnings.warn("the GPU ran out of memory even for one image: continuing on the CPU", stacklevel=2)
-            extractor.to("cpu")
-            self.device_ = torch.device("cpu")
-            return extractor(batch).cpu()
+        """Run a batch; on a GPU out-of-memory, in smaller pieces, then on the CPU, keeping work already done."""
+        pieces: list[torch.Tensor] = []
+
+        def work(start: int, stop: int, device: torch.device) -> None:
+            if device.type != self.device_.type:  # run_in_chunks gave up on the GPU: so does the model
+                extractor.to(device)
+                self.device_ = device
+            weights_device = next(extractor.parameters()).device  # where the fallback has left the backbone
+            pieces.append(extractor(batch[start:stop].to(weights_device, non_blocking=True)).cpu())
+
+        run_in_chunks(batch.shape[0], batch.shape[0], self.device_, work)
+        return torch.cat(pieces)
 
     # ------------------------------------------------------------------ denoising
     def _params(self, config: SoftPatchConfig | None = None) -> DiscriminatorParams:

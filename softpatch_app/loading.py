@@ -11,7 +11,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from softpatch.data import ImageFolder, ImageRecord, SkippedFile, is_hidden_name, load_mvtec, scan_images
+from softpatch.data import (
+    ImageFolder,
+    ImageRecord,
+    SkippedFile,
+    find_mask,
+    is_hidden_name,
+    load_mvtec,
+    mask_index,
+    scan_images,
+)
 from softpatch.demo import DemoManifest, generate_demo_dataset, load_demo_manifest
 from softpatch.errors import DataError
 from softpatch.images import IMAGE_EXTENSIONS
@@ -95,28 +104,6 @@ def read_training_folder(root: Path, *, limits: LoadLimits, source: str, label: 
     return LoadResult(name=_dataset_name(root), train=LoadedSplit(folder, source, label))
 
 
-def _mask_candidates(gt_dir: Path) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    if gt_dir.is_dir():
-        for path in sorted(gt_dir.rglob("*")):
-            if path.is_file() and not is_hidden_name(path.name):
-                index[path.relative_to(gt_dir).as_posix().lower()] = path
-    return index
-
-
-def _match_mask(rel: PurePosixPath, masks: dict[str, Path]) -> Path | None:
-    """MVTec naming: ``<stem>_mask.png``; also the same file name, or the same stem with any image extension."""
-    parent, stem = rel.parent, rel.stem
-    options = [parent / f"{stem}_mask{ext}" for ext in (".png", *sorted(IMAGE_EXTENSIONS))]
-    options.append(rel)
-    options.extend(parent / f"{stem}{ext}" for ext in (".png", *sorted(IMAGE_EXTENSIONS)))
-    for option in options:
-        hit = masks.get(str(option).lower())
-        if hit is not None:
-            return hit
-    return None
-
-
 def read_test_folder(root: Path, *, limits: LoadLimits, source: str, label: str) -> LoadedSplit:
     """A test set from ``root``.
 
@@ -150,10 +137,10 @@ def read_test_folder(root: Path, *, limits: LoadLimits, source: str, label: str)
             continue
         defect = class_dir.name
         is_good = defect.lower() in ("good", "ok", "normal", "nominal")
-        masks = {} if is_good or gt_base is None else _mask_candidates(gt_base / defect)
+        masks = {} if is_good or gt_base is None else mask_index(gt_base / defect)
         for r in part.records:
             rel = PurePosixPath(r.relpath or r.path.name)
-            mask = _match_mask(rel, masks) if masks else None
+            mask = find_mask(rel, masks) if masks else None
             records.append(
                 ImageRecord(
                     path=r.path,

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from tests.apptest_helpers import button, session
+
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
@@ -43,21 +45,8 @@ def start(page: str = "pages/1_data.py") -> AppTest:
     return at
 
 
-def session(at: AppTest):
-    from softpatch_app.state import KEY
-
-    return at.session_state[KEY]
-
-
 def no_traceback(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
-
-
-def button(at: AppTest, label: str):
-    for b in at.button:
-        if b.label.startswith(label):
-            return b
-    raise AssertionError(f"no button {label!r}: {[b.label for b in at.button]}")
 
 
 def errors(at: AppTest) -> str:

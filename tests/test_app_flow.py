@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.apptest_helpers import button, session
+
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
@@ -51,24 +53,11 @@ def clean(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
-def button(at: AppTest, label: str):
-    for b in at.button:
-        if b.label.startswith(label):
-            return b
-    raise AssertionError(f"no button {label!r}: {[b.label for b in at.button]}")
-
-
 def metric(at: AppTest, label: str) -> str:
     for m in at.metric:
         if m.label == label:
             return m.value
     raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
-
-
-def session(at: AppTest):
-    from softpatch_app.state import KEY
-
-    return at.session_state[KEY]
 
 
 def test_first_launch_has_the_demo_loaded(at: AppTest) -> None:

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from tests.apptest_helpers import button, session
+
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
@@ -27,16 +29,6 @@ def png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((100 + 30 * rng.random((40, 56, 3))).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def session(at: AppTest):
-    from softpatch_app.state import KEY
-
-    return at.session_state[KEY]
-
-
-def button(at: AppTest, label: str):
-    return next(b for b in at.button if b.label.startswith(label))
 
 
 def test_two_sessions_fitting_at_once_stay_separate(env) -> None:

@@ -39,7 +39,7 @@ def test_when_even_one_position_does_not_fit_the_rest_runs_on_the_cpu() -> None:
             raise torch.cuda.OutOfMemoryError("simulated")
         calls.append((start, stop, device.type))
 
-    with pytest.warns(UserWarning, match="continuing this step on the CPU"):
+    with pytest.warns(UserWarning, match="continuing on the CPU"):
         run_in_chunks(10, 4, CUDA, work)
     assert calls[0] == (0, 4, "cuda"), "work done on the GPU before the failure is kept, not redone"
     assert [i for s, e, _ in calls for i in range(s, e)] == list(range(10))
@@ -77,6 +77,7 @@ class _PickyBackbone(nn.Module):
 
 def test_a_backbone_batch_that_does_not_fit_is_split_and_nothing_is_lost() -> None:
     model = SoftPatch(SoftPatchConfig(pretrained=False, device="cpu"))
+    model.device_ = CUDA  # as if fitting on a GPU
     backbone = _PickyBackbone(limit=2)
     batch = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3, 1, 1)
     with warnings.catch_warnings():
@@ -88,6 +89,7 @@ def test_a_backbone_batch_that_does_not_fit_is_split_and_nothing_is_lost() -> No
 
 def test_a_backbone_that_fits_no_image_moves_to_the_cpu_with_a_notice() -> None:
     model = SoftPatch(SoftPatchConfig(pretrained=False, device="cpu"))
+    model.device_ = CUDA  # as if fitting on a GPU
     backbone = _PickyBackbone(limit=0)
     batch = torch.ones(3, 2, 1, 1)
     with pytest.warns(UserWarning, match="continuing on the CPU"):
