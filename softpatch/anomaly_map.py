@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 
-def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, math.ceil(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
 
 
+@functools.lru_cache(maxsize=16)
+def axis_operator(n_in: int, size: int, sigma: float) -> torch.Tensor:
+    """``(size, n_in)`` matrix of one axis: linear upsampling (half-pixel centres), then the blur.
+
+    Bilinear upsampling and a separable blur with edge padding are both linear and act on each axis
+    independently, so the whole map is ``A_rows @ scores @ A_cols.T``: two small matrix products
+    instead of an upsampled image and a 33-tap convolution (several times faster on a CPU).
+    """
+    signals = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # (n_in, 1, n_in): one unit impulse per row
+    up = F.interpolate(signals, size=size, mode="linear", align_corners=False)  # (n_in, 1, size)
+    if sigma > 0:
+        kernel = _gaussian_kernel(sigma)
+        pad = kernel.numel() // 2
+        # Edge padding keeps the border from fading towards zero.
+        up = F.conv1d(F.pad(up, (pad, pad), mode="replicate"), kernel.view(1, 1, -1))
+    return up.squeeze(1).T.float().contiguous()
+
+
 def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """``(n, H, W)`` patch scores -> ``(n, size, size)`` maps, blurred with ``sigma`` pixels (0 = no blur)."""
-    maps = F.interpolate(patch_scores.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False)
-    if sigma > 0:
-        kernel = _gaussian_kernel(sigma, maps.device)
-        pad = kernel.numel() // 2
-        # Separable blur; edge padding keeps the border from fading towards zero.
-        maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-        maps = F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return maps.squeeze(1)
+    scores = patch_scores.float()
+    rows = axis_operator(scores.shape[1], size, float(sigma)).to(scores.device)
+    cols = axis_operator(scores.shape[2], size, float(sigma)).to(scores.device)
+    return rows @ scores @ cols.T

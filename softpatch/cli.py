@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from softpatch.config import ConfigError, SoftPatchConfig
+from softpatch.config import SEARCH_METHODS, ConfigError, SoftPatchConfig
 from softpatch.errors import SoftPatchError
 
 
@@ -44,7 +44,9 @@ def _add_backbone_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", type=int, default=256, help="resize side before cropping (default 256)")
     group.add_argument("--crop", type=int, default=224, help="centre crop side (default 224)")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision")
-    group.add_argument("--batch-size", type=int, default=16, help="images per backbone pass")
+    group.add_argument(
+        "--batch-size", type=int, default=None, help="images per backbone pass (default: 8 on a CPU, 32 on a GPU)"
+    )
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = CUDA if present")
 
 
@@ -60,7 +62,10 @@ def _add_denoise_options(parser: argparse.ArgumentParser, *, with_discriminator:
     group.add_argument("--coreset-ratio", type=float, default=0.1, help="memory bank share of kept patches")
     group.add_argument("--no-soft-weight", action="store_true", help="plain distances at test time")
     group.add_argument(
-        "--search-candidates", type=int, default=0, help="0 = exact search; k = re-rank k projected candidates (faster)"
+        "--search",
+        choices=SEARCH_METHODS,
+        default="bounded",
+        help="nearest-neighbour search on CPU; both are exact, 'exhaustive' is the slower baseline",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the coreset (a fit is reproducible)")
 
@@ -83,7 +88,7 @@ def _config(args: argparse.Namespace) -> SoftPatchConfig:
         lof_k=args.lof_k,
         coreset_ratio=args.coreset_ratio,
         soft_weight=not args.no_soft_weight,
-        search_candidates=args.search_candidates,
+        search=args.search,
         seed=args.seed,
     )
 

@@ -13,6 +13,9 @@ TAU_SCOPES = ("global", "position")
 CORESET_METHODS = ("greedy", "random", "all")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+SEARCH_METHODS = ("bounded", "exhaustive")
+# Keys of earlier versions that no longer mean anything; accepted on load and dropped.
+_RETIRED_KEYS = frozenset({"search_candidates"})  # approximate search, replaced by the exact bounded one
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,7 @@ class SoftPatchConfig:
     feature_dim: int = 1024  # patch embedding size; each stage is average-pooled over channels to an equal share
     patch_size: int = 3  # neighbourhood aggregation window
     precision: str = "fp32"  # "bf16" runs the backbone under bf16 autocast (faster on CPU and GPU)
-    batch_size: int = 16  # images per backbone forward pass
+    batch_size: int | None = None  # images per backbone pass; None: 8 on a CPU (stays in cache), 32 on a GPU
     # --- denoising
     discriminator: str = "lof"  # a name in softpatch.discriminators.DISCRIMINATORS
     lof_k: int = 6  # LOF neighbours; clamped to N-1 with a warning
@@ -52,11 +55,11 @@ class SoftPatchConfig:
     coreset: str = "greedy"  # "greedy" k-centre, "random", or "all" kept patches
     coreset_ratio: float = 0.1  # memory bank size as a fraction of kept patches
     projection_dim: int = 128  # random projection used by the greedy coreset
-    search_candidates: int = 0  # 0: exact search; k > 0: re-rank k candidates found in the projection (faster)
     # --- anomaly maps
     blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in crop pixels
     # --- runtime
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    search: str = "bounded"  # CPU nearest-neighbour search, exact either way: "bounded" (faster) or "exhaustive"
     seed: int = 0  # seeds the coreset start and projection: a fit is reproducible
 
     def __post_init__(self) -> None:
@@ -78,7 +81,7 @@ class SoftPatchConfig:
             (self.feature_dim >= 1, f"feature_dim must be >= 1, got {self.feature_dim}"),
             (self.patch_size >= 1 and self.patch_size % 2 == 1, f"patch_size must be odd, got {self.patch_size}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (
                 self.discriminator in DISCRIMINATORS,
                 f"unknown discriminator {self.discriminator!r}; choose from {sorted(DISCRIMINATORS)}",
@@ -94,9 +97,9 @@ class SoftPatchConfig:
             (self.coreset in CORESET_METHODS, f"coreset must be one of {CORESET_METHODS}, got {self.coreset!r}"),
             (0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
             (self.projection_dim >= 1, f"projection_dim must be >= 1, got {self.projection_dim}"),
-            (self.search_candidates >= 0, f"search_candidates must be >= 0, got {self.search_candidates}"),
             (self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (self.search in SEARCH_METHODS, f"search must be one of {SEARCH_METHODS}, got {self.search!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -115,14 +118,14 @@ class SoftPatchConfig:
             "crop",
             "feature_dim",
             "patch_size",
-            "batch_size",
             "lof_k",
             "projection_dim",
             "seed",
-            "search_candidates",
         ):
             if not is_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.batch_size is not None and not is_int(self.batch_size):
+            raise ConfigError(f"batch_size must be an integer or None, got {self.batch_size!r}")
         for name in ("gaussian_reg", "tau", "coreset_ratio", "blur_sigma"):
             value = getattr(self, name)
             if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
@@ -164,6 +167,7 @@ class SoftPatchConfig:
     def from_dict(cls, data: dict[str, Any]) -> SoftPatchConfig:
         """Build from ``to_dict`` output; unknown keys are an error, not silently dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in _RETIRED_KEYS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {unknown}")

@@ -170,10 +170,48 @@ def backbone_info(model: nn.Module, config: SoftPatchConfig) -> BackboneInfo:
     )
 
 
+def fold_batch_norm(backbone: nn.Module) -> nn.Module:
+    """A copy of an eval-mode ``backbone`` with each BatchNorm folded into the convolution before it.
+
+    Same outputs to float rounding (about 1e-6 relative), fewer passes over the activations:
+    wide_resnet50_2 runs about 15% faster on a CPU. Models that torch.fx cannot trace, or that have
+    nothing to fold, come back unchanged (the same object).
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if backbone.training or not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules()):
+        return backbone
+    try:
+        fused = fuse(backbone)
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; the unfused model is always correct
+        log.debug("batch-norm folding skipped for %s: %s", type(backbone).__name__, exc)
+        return backbone
+    if sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in backbone.modules()
+    ):
+        return backbone  # nothing was folded: keep the original rather than a traced copy
+    return fused
+
+
 def _channel_pooling(in_channels: int, out_channels: int) -> torch.Tensor:
     # Adaptive average pooling over channels is linear: express it as one (C_in, C_out) matrix product.
     eye = torch.eye(in_channels).unsqueeze(1)  # (C_in, 1, C_in)
     return F.adaptive_avg_pool1d(eye, out_channels).squeeze(1)  # (C_in, C_out)
+
+
+def pool_channels(features: torch.Tensor, pooling: torch.Tensor) -> torch.Tensor:
+    """``(..., C_in)`` -> ``(..., C_out)`` adaptive average pooling over the last axis.
+
+    ``pooling`` is ``_channel_pooling(C_in, C_out)``. The common cases skip the matrix product:
+    equal sizes are the identity (wide_resnet50_2's layer 2) and whole multiples are means of
+    neighbouring channels (its layer 3), which together saves about 3 ms per image on a CPU.
+    """
+    c_in, c_out = pooling.shape
+    if c_in == c_out:
+        return features
+    if c_in % c_out == 0:
+        return features.unflatten(-1, (c_out, c_in // c_out)).mean(dim=-1)
+    return features @ pooling
 
 
 class FeatureExtractor(nn.Module):
@@ -186,7 +224,9 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: SoftPatchConfig) -> None:
         super().__init__()
-        self.backbone = backbone.eval()
+        self.backbone = backbone.eval()  # the weights as loaded: what bundles store
+        # What the forward pass runs: the same function with batch norms folded (faster on a CPU).
+        self.inference_backbone = fold_batch_norm(self.backbone)
         self.patch_size = config.patch_size
         self.precision = config.precision
         channels = list(backbone.feature_info.channels())
@@ -208,20 +248,22 @@ class FeatureExtractor(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-                maps = self.backbone(images)
+                maps = self.inference_backbone(images)
         else:
-            maps = self.backbone(images)
+            maps = self.inference_backbone(images)
         pad = self.patch_size // 2
         grid = maps[0].shape[-2:]
         parts = []
         for i, fmap in enumerate(maps):
-            fmap = fmap.float()
+            # Channel pooling and the window mean are both linear and act on different axes, so
+            # they commute: pooling channels first makes the window mean cheaper. Working in
+            # (B, h, w, C) order, the layout the backbone left in memory, saves transposed copies.
+            pooled = pool_channels(fmap.float().permute(0, 2, 3, 1), getattr(self, f"pool{i}"))  # (B, h, w, d)
+            pooled = pooled.permute(0, 3, 1, 2)  # (B, d, h, w) view, channels-last in memory
             if self.patch_size > 1:
-                fmap = F.avg_pool2d(fmap, self.patch_size, stride=1, padding=pad, count_include_pad=False)
-            # Pool channels at the stage's own resolution (cheaper), then bring it to the common grid.
-            fmap = torch.einsum("bchw,cd->bdhw", fmap, getattr(self, f"pool{i}"))
-            if fmap.shape[-2:] != grid:
-                fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
-            parts.append(fmap)
-        features = torch.cat(parts, dim=1)  # (B, D, H, W)
-        return features.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, D)
+                pooled = F.avg_pool2d(pooled, self.patch_size, stride=1, padding=pad, count_include_pad=False)
+            if pooled.shape[-2:] != grid:
+                pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+            parts.append(pooled.permute(0, 2, 3, 1))
+        features = torch.cat(parts, dim=-1)  # (B, H, W, D)
+        return features.reshape(features.shape[0], -1, self.feature_dim)  # (B, H*W, D)

@@ -20,7 +20,7 @@ from softpatch.anomaly_map import anomaly_maps
 from softpatch.chunking import run_in_chunks
 from softpatch.config import SoftPatchConfig
 from softpatch.denoise import image_suspicion, select_removed, soft_weights
-from softpatch.device import resolve_device
+from softpatch.device import default_batch_size, resolve_device
 from softpatch.discriminators import (
     DISCRIMINATORS,
     NEIGHBOUR_CACHE_K,
@@ -37,7 +37,7 @@ from softpatch.images import ImageTransform, load_image
 from softpatch.memory_bank import MemoryBank
 from softpatch.progress import ProgressCallback, report
 from softpatch.resources import available_memory, estimate_fit_memory, work_budget
-from softpatch.sampler import projection_matrix, random_projection, select_coreset
+from softpatch.sampler import random_projection, select_coreset
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
 
@@ -60,7 +60,7 @@ RETUNE_FIELDS = frozenset(
         "projection_dim",
         "seed",
         "blur_sigma",
-        "search_candidates",
+        "search",
         "batch_size",
         "precision",
         "device",
@@ -155,7 +155,6 @@ class SoftPatch:
         self._bank: MemoryBank | None = None
         self._bank_key: tuple | None = None
         self.threshold_: float | None = None
-        self._projection_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Sequence[ImageInput], *, progress: ProgressCallback | None = None) -> SoftPatch:
@@ -245,7 +244,7 @@ class SoftPatch:
         out = torch.empty(n, grid[0] * grid[1], self.config.feature_dim, dtype=torch.float32)
         sizes: list[tuple[int, int]] = []
         done = 0
-        batch_size = self.config.batch_size
+        batch_size = self.config.batch_size or default_batch_size(self.device_)
         report(progress, 0.0, f"features: 0/{n} images")
         for batch, batch_sizes in _load_batches(images, transform, batch_size):
             sizes.extend(batch_sizes)
@@ -391,17 +390,11 @@ class SoftPatch:
         p = self.grid_shape_[0] * self.grid_shape_[1]
         positions = chosen % p
         provenance = np.stack([chosen // p, positions // self.grid_shape_[1], positions % self.grid_shape_[1]], axis=1)
-        self._bank = MemoryBank(flat[torch.from_numpy(chosen)].clone(), weights.float(), provenance.astype(np.int64))
-        self._bank_key = key
+        bank = MemoryBank(flat[torch.from_numpy(chosen)].clone(), weights.float(), provenance.astype(np.int64))
+        bank.prepare_search(self.device_, c.search)  # part of a ready bank: the first score() is not slower
+        self._bank, self._bank_key = bank, key
         report(progress, 1.0, f"coreset: memory bank of {chosen.size} patches ready")
         return self._bank
-
-    def _search_projection(self, dim: int) -> torch.Tensor:
-        """The seeded ``(D, projection_dim)`` matrix of the candidate search; one object per model."""
-        key = (dim, self.config.projection_dim, self.config.seed)
-        if self._projection_cache is None or self._projection_cache[0] != key:
-            self._projection_cache = (key, projection_matrix(dim, self.config.projection_dim, self.config.seed))
-        return self._projection_cache[1]
 
     @property
     def memory_bank_(self) -> MemoryBank:
@@ -425,19 +418,10 @@ class SoftPatch:
         bank = self.build_memory_bank()
         n, p, d = embeddings.features.shape
         patch_scores = torch.empty(n, p)
-        projection = None
-        if self.config.search_candidates > 0:
-            projection = self._search_projection(d)
-        # Re-ranking gathers (queries x candidates x D) floats: keep chunks to a few hundred MB.
-        step = max(1, 65536 // max(p, 1) // max(1, self.config.search_candidates // 4))
+        step = max(1, 65536 // max(p, 1))  # images per search call: progress updates every ~65k patches
         for start in range(0, n, step):
             stop = min(n, start + step)
-            match = bank.search(
-                embeddings.features[start:stop].reshape(-1, d),
-                self.device_,
-                candidates=self.config.search_candidates,
-                projection=projection,
-            )
+            match = bank.search(embeddings.features[start:stop].reshape(-1, d), self.device_, method=self.config.search)
             weighted = bank.weights[match.index] * match.distance
             patch_scores[start:stop] = weighted.reshape(stop - start, p)
             report(progress, stop / n, f"scoring: {stop}/{n} images")

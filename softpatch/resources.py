@@ -51,7 +51,7 @@ def estimate_fit_memory(config: SoftPatchConfig, n_images: int, grid: tuple[int,
         neighbours_bytes=patches * k * 8,
         coreset_bytes=patches * (config.projection_dim * 4 + 16)
         + int(patches * config.coreset_ratio) * config.feature_dim * 4,
-        backbone_bytes=400 * 1024**2 + config.batch_size * 3 * config.crop**2 * 4 * 40,
+        backbone_bytes=400 * 1024**2 + (config.batch_size or 32) * 3 * config.crop**2 * 4 * 40,
     )
 
 

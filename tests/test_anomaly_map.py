@@ -74,3 +74,26 @@ def test_larger_sigma_smooths_more() -> None:
     grid = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
     spreads = [float(anomaly_maps(grid, 64, s).std()) for s in (0.0, 2.0, 6.0)]
     assert spreads[0] > spreads[1] > spreads[2]
+
+
+def _upsample_then_blur(grid: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """The 2-D way, in float64: upsample the image, then blur rows and columns with edge padding."""
+    import math
+
+    import torch.nn.functional as F
+
+    maps = F.interpolate(grid.double().unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    radius = max(1, math.ceil(4 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel /= kernel.sum()
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    maps = F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return maps.squeeze(1)
+
+
+@pytest.mark.parametrize(("h", "w", "size", "sigma"), [(28, 28, 224, 4.0), (8, 5, 40, 2.5), (3, 9, 17, 0.7)])
+def test_matrix_form_equals_upsampling_then_blurring(h: int, w: int, size: int, sigma: float) -> None:
+    grid = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h * w))
+    maps = anomaly_maps(grid, size, sigma)
+    torch.testing.assert_close(maps.double(), _upsample_then_blur(grid, size, sigma), rtol=1e-5, atol=1e-6)

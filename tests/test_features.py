@@ -277,3 +277,61 @@ def test_pretrained_without_network_fails_fast_with_the_ways_out(
     assert "resnet18" in message
     assert "--weights" in message, "the message offers a local weights file"
     assert "--no-pretrained" in message, "and random weights"
+
+
+def _randomise_batch_norms(model: torch.nn.Module, seed: int) -> None:
+    # Fresh batch norms are the identity (mean 0, var 1): folding them would prove nothing.
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.3)
+
+
+def test_batch_norm_folding_keeps_the_outputs_and_the_stored_weights(images: torch.Tensor) -> None:
+    from softpatch.features import fold_batch_norm
+
+    config = SoftPatchConfig(backbone="resnet18", pretrained=False, layers=(2, 3), feature_dim=64)
+    backbone = create_backbone(config).eval()
+    _randomise_batch_norms(backbone, seed=0)
+    keys = list(backbone.state_dict())
+    folded = fold_batch_norm(backbone)
+    assert folded is not backbone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        for plain, fast in zip(backbone(images), folded(images), strict=True):
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    assert list(backbone.state_dict()) == keys, "the original keeps its weights: bundles store those"
+    extractor = FeatureExtractor(backbone, config)
+    assert extractor.backbone is backbone and extractor.inference_backbone is not backbone
+
+
+def test_batch_norm_folding_leaves_untraceable_or_training_models_alone() -> None:
+    from softpatch.features import fold_batch_norm
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy().eval()
+    assert fold_batch_norm(branchy) is branchy
+    training = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    assert fold_batch_norm(training) is training
+    no_norms = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    assert fold_batch_norm(no_norms) is no_norms
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(512, 512), (1024, 512), (96, 32), (100, 30), (7, 3), (3, 7)])
+def test_channel_pooling_shortcuts_equal_adaptive_average_pooling(c_in: int, c_out: int) -> None:
+    from softpatch.features import _channel_pooling, pool_channels
+
+    features = torch.randn(2, 5, 4, c_in, generator=torch.Generator().manual_seed(c_in))
+    expected = torch.nn.functional.adaptive_avg_pool1d(features.reshape(-1, 1, c_in), c_out).reshape(2, 5, 4, c_out)
+    torch.testing.assert_close(pool_channels(features, _channel_pooling(c_in, c_out)), expected, rtol=1e-5, atol=1e-6)

@@ -88,12 +88,12 @@ def test_torch_bank_search_on_cuda_equals_faiss() -> None:
     features = torch.from_numpy(rng.normal(size=(3000, 64)).astype(np.float32))
     bank = MemoryBank(features, torch.ones(3000), np.zeros((3000, 3), dtype=np.int64))
     queries = torch.from_numpy(rng.normal(size=(20000, 64)).astype(np.float32))  # > one query chunk
-    on_gpu = bank.search(queries, CUDA)
-    on_cpu = bank.search(queries, CPU)
+    on_gpu = bank.search(queries, CUDA, method="bounded")  # CUDA always searches exhaustively in torch
+    on_cpu = bank.search(queries, CPU, method="exhaustive")
     assert on_gpu.distance.device == CPU and on_gpu.index.device == CPU
     assert (on_gpu.index == on_cpu.index).float().mean() > 0.999
     torch.testing.assert_close(on_gpu.distance, on_cpu.distance, rtol=1e-4, atol=1e-4)
-    exact = bank.search(features[:5], CUDA)
+    exact = bank.search(features[:5], CUDA, method="exhaustive")
     assert exact.index.tolist() == [0, 1, 2, 3, 4] and exact.distance.abs().max() < 1e-5
 
 

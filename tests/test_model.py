@@ -491,10 +491,17 @@ def test_a_refused_retune_leaves_the_config_unchanged(fitted: SoftPatch) -> None
     assert fitted.config == config
 
 
-def test_candidate_search_is_a_scoring_setting_close_to_exact(fitted: SoftPatch, eval_embeddings) -> None:
-    exact = fitted.score(eval_embeddings, with_maps=False)
+def test_search_method_is_a_scoring_setting_and_both_are_exact(
+    fitted: SoftPatch, eval_embeddings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from softpatch import memory_bank as memory_bank_module
+
+    # The test bank is small: lower the thresholds so that "bounded" really runs the bounded search.
+    monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 16)
+    monkeypatch.setattr(memory_bank_module, "_BOUND_DIM", 8)
+    exhaustive = fitted.retune(search="exhaustive").score(eval_embeddings, with_maps=False)
     bank = fitted.memory_bank_
-    fast = fitted.retune(search_candidates=16).score(eval_embeddings, with_maps=False)
+    bounded = fitted.retune(search="bounded").score(eval_embeddings, with_maps=False)
     assert fitted.memory_bank_ is bank, "changing the search does not rebuild the memory bank"
-    assert np.all(fast.patch_scores >= exact.patch_scores - 1e-4)
-    np.testing.assert_allclose(fast.image_scores, exact.image_scores, rtol=0.05)
+    assert set(bank._indexes) == {"exhaustive", "bounded"}
+    np.testing.assert_allclose(bounded.patch_scores, exhaustive.patch_scores, rtol=1e-5, atol=1e-5)

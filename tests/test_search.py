@@ -1,0 +1,139 @@
+"""Nearest-neighbour search: the bounded search must return the exhaustive search's answer on any data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from softpatch import search as search_module
+from softpatch.search import BoundedSearch, ExhaustiveSearch, exhaustive_search_torch
+
+CPU = torch.device("cpu")
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _structured(m: int, d: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows on a low-rank subspace plus small noise, like patch features; queries near some rows."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank, d)) * np.linspace(3.0, 0.3, rank)[:, None]
+    rows = rng.normal(size=(m, rank)) @ basis + 0.05 * rng.normal(size=(m, d))
+    queries = rows[rng.integers(m, size=400)] + 0.3 * rng.normal(size=(400, d))
+    return _tensor(rows), _tensor(queries)
+
+
+def _truth(bank: torch.Tensor, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    dist = cdist(queries.double().numpy(), bank.double().numpy())
+    return dist.min(axis=1), dist.argmin(axis=1)
+
+
+def _assert_exact(match, bank: torch.Tensor, queries: torch.Tensor) -> None:
+    distance, index = _truth(bank, queries)
+    np.testing.assert_allclose(match.distance.numpy(), distance, rtol=1e-5, atol=1e-4)
+    # Where rows tie, either is right: the chosen row must be as near as the true nearest.
+    chosen = (bank[match.index].double() - queries.double()).norm(dim=1).numpy()
+    np.testing.assert_allclose(chosen, distance, rtol=1e-5, atol=1e-4)
+    assert (match.index.numpy() == index).mean() > 0.99
+
+
+def test_bounded_search_is_exact_on_structured_features() -> None:
+    bank, queries = _structured(3000, 128, rank=20, seed=0)
+    search = BoundedSearch(dim=16, candidates=4).fit(bank)
+    match = search.search(queries)
+    _assert_exact(match, bank, queries)
+    assert match.distance.shape == (400,) and match.index.dtype == torch.int64
+    assert search.fallback_fraction_ < 0.05, "on low-rank data the bound proves almost every answer"
+
+
+def test_bounded_search_stays_exact_where_the_bound_is_weak() -> None:
+    # Isotropic data: 8 of 128 directions say little about distances, so many queries need the
+    # wider candidate pass or the full search. The answer must not change.
+    rng = np.random.default_rng(1)
+    bank, queries = _tensor(rng.normal(size=(2500, 128))), _tensor(rng.normal(size=(300, 128)))
+    search = BoundedSearch(dim=8, candidates=2).fit(bank)
+    match = search.search(queries)
+    _assert_exact(match, bank, queries)
+    assert search.fallback_fraction_ > 0.1, "this case must exercise the exhaustive fallback"
+
+
+def test_bound_coordinates_give_a_lower_bound_of_every_distance() -> None:
+    bank, queries = _structured(800, 64, rank=10, seed=2)
+    search = BoundedSearch(dim=6, candidates=3).fit(bank)
+    bound = torch.cdist(search._bound_coordinates(queries).double(), search._bound_coordinates(bank).double())
+    true = torch.cdist(queries.double(), bank.double())
+    assert torch.all(bound <= true + 1e-4)
+    assert (bound / true.clamp_min(1e-9)).mean() > 0.5, "and a useful one on low-rank data"
+
+
+def test_exact_duplicates_and_bank_rows_as_queries() -> None:
+    bank, _ = _structured(1000, 64, rank=8, seed=3)
+    bank[500:510] = bank[0]  # ten copies of row 0
+    search = BoundedSearch(dim=8, candidates=4).fit(bank)
+    match = search.search(bank[[0, 3, 505, 999]].clone())
+    assert match.distance.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert match.index[1].item() == 3 and match.index[3].item() == 999
+    assert match.index[0].item() in {0, *range(500, 510)} and match.index[2].item() in {0, *range(500, 510)}
+
+
+def test_rank_deficient_bank_and_queries_off_its_subspace() -> None:
+    rng = np.random.default_rng(4)
+    bank = _tensor(np.hstack([rng.normal(size=(600, 5)), np.zeros((600, 59))]))  # spans 5 of 64 dimensions
+    queries = _tensor(rng.normal(size=(200, 64)) * 3.0)  # mostly off that subspace
+    match = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    _assert_exact(match, bank, queries)
+
+
+def test_far_away_queries_with_large_norms() -> None:
+    bank, queries = _structured(1500, 64, rank=10, seed=5)
+    queries = queries * 50.0 + 1000.0
+    match = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    _assert_exact(match, bank, queries)
+
+
+def test_blocking_does_not_change_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank, queries = _structured(1200, 64, rank=10, seed=6)
+    whole = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    monkeypatch.setattr(search_module, "_QUERY_BLOCK", 37)
+    monkeypatch.setattr(search_module, "_RERANK_BLOCK", 5)
+    blocked = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    assert torch.equal(whole.index, blocked.index)
+    torch.testing.assert_close(whole.distance, blocked.distance)
+
+
+def test_fitting_is_deterministic() -> None:
+    bank, queries = _structured(900, 48, rank=6, seed=7)
+    first, second = BoundedSearch(dim=6, candidates=3).fit(bank), BoundedSearch(dim=6, candidates=3).fit(bank)
+    assert torch.equal(first.basis_, second.basis_)
+    assert torch.equal(first.search(queries).index, second.search(queries).index)
+
+
+def test_bounded_search_refuses_unusable_banks_and_use_before_fit() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        BoundedSearch(dim=4, candidates=2).search(torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="more than 8 rows"):
+        BoundedSearch(dim=4, candidates=8).fit(torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="more than 9 dimensions"):
+        BoundedSearch(dim=8, candidates=2).fit(torch.zeros(50, 9))
+
+
+def test_torch_search_equals_faiss_and_chunks_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    bank, queries = _tensor(rng.normal(size=(400, 32))), _tensor(rng.normal(size=(700, 32)))
+    via_faiss = ExhaustiveSearch().fit(bank).search(queries)
+    via_torch = exhaustive_search_torch(bank, queries, CPU)
+    assert torch.equal(via_torch.index, via_faiss.index)
+    torch.testing.assert_close(via_torch.distance, via_faiss.distance, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(search_module, "_QUERY_BLOCK", 7)
+    chunked = exhaustive_search_torch(bank, queries, CPU)
+    assert torch.equal(chunked.index, via_torch.index) and torch.allclose(chunked.distance, via_torch.distance)
+
+
+def test_torch_search_distance_of_an_exact_match_is_zero() -> None:
+    bank = _tensor(np.random.default_rng(9).normal(size=(40, 16)) * 100.0)
+    # Large norms: the expanded |q|^2 + |m|^2 - 2qm form alone would not give 0 here.
+    match = exhaustive_search_torch(bank, bank[[3, 17]].clone(), CPU)
+    assert match.index.tolist() == [3, 17] and match.distance.tolist() == [0.0, 0.0]
