@@ -160,6 +160,7 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     model._state = state  # _score_key reads the number of training images from the state
     state.scores[model._score_key(config)] = tensors["train.outlier_scores"]
     model._bank = MemoryBank(bank_features, weights, provenance.numpy())
+    model._bank.prepare_search(model.device_, config.search)  # loaded = ready to score at full speed
     model._bank_key = model._bank_settings()
     model.threshold_ = None if threshold is None else float(threshold)
     return model

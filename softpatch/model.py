@@ -41,6 +41,8 @@ from softpatch.sampler import random_projection, select_coreset
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
 
+# Held-out training patches on which the bounded nearest-neighbour search picks its settings.
+_CALIBRATION_PATCHES = 1024
 # Settings that change the features themselves: changing one needs a new fit, not a re-tune.
 FEATURE_FIELDS = frozenset(
     {"resize", "crop", "backbone", "layers", "backbone_kwargs", "pretrained", "weights", "feature_dim", "patch_size"}
@@ -391,7 +393,11 @@ class SoftPatch:
         positions = chosen % p
         provenance = np.stack([chosen // p, positions // self.grid_shape_[1], positions % self.grid_shape_[1]], axis=1)
         bank = MemoryBank(flat[torch.from_numpy(chosen)].clone(), weights.float(), provenance.astype(np.int64))
-        bank.prepare_search(self.device_, c.search)  # part of a ready bank: the first score() is not slower
+        # Part of a ready bank, so the first score() is not slower. Kept patches that the coreset left
+        # out are nominal patches like most test patches: the search tunes itself on a sample of them.
+        left_out = np.setdiff1d(kept, chosen, assume_unique=True)
+        sample = left_out[np.linspace(0, left_out.size - 1, min(left_out.size, _CALIBRATION_PATCHES)).astype(np.int64)]
+        bank.prepare_search(self.device_, c.search, calibration=flat[torch.from_numpy(sample)])
         self._bank, self._bank_key = bank, key
         report(progress, 1.0, f"coreset: memory bank of {chosen.size} patches ready")
         return self._bank

@@ -22,6 +22,15 @@ _WIDER_FACTOR = 8
 _PCA_ROWS = 50_000
 # Relative slack on the bound test for float32 rounding in faiss's expanded-form distances.
 _ROUNDING_SLACK = 1e-5
+# Cost model of the choice of dim, in units of one multiply-add of the exhaustive search (faiss, BLAS),
+# measured on the speed benchmark's bank (15,261 x 1024, 784 queries per image; 0.12 s per image):
+# faiss's bound search costs (dim + 1 + _SELECTION_COST) per bank row (0.014 s per image at dim 64,
+# 0.050 s at dim 384), and gathering a candidate's row for the exact distance _GATHER_COST per coordinate.
+_SELECTION_COST = 60
+_GATHER_COST = 67
+# The first search picks dim on a sample of this many queries, and at most this many query x bank cells.
+_CALIBRATION_QUERIES = 1024
+_CALIBRATION_CELLS = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -54,17 +63,24 @@ class ExhaustiveSearch:
         """Index ``bank`` ``(M, D)`` float32."""
         import faiss
 
+        self.bank_ = bank.detach().cpu().float().contiguous()
         index = faiss.IndexFlatL2(bank.shape[1])
-        index.add(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
+        index.add(self.bank_.numpy())
         self.index_ = index
         return self
 
     def search(self, queries: torch.Tensor) -> NeighbourMatch:
         """Nearest bank row of each ``(Q, D)`` query; distances are plain L2."""
-        query = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-        squared, index = self.index_.search(query, 1)
-        distance = torch.from_numpy(np.sqrt(np.maximum(squared[:, 0], 0.0)))
-        return NeighbourMatch(distance, torch.from_numpy(index[:, 0].astype(np.int64)))
+        queries = queries.detach().cpu().float()
+        _, index = self.index_.search(np.ascontiguousarray(queries.numpy()), 1)
+        rows = torch.from_numpy(index[:, 0].astype(np.int64))
+        # faiss ranks by the expanded |q|^2 + |m|^2 - 2qm form, which is off by up to ~0.04 near zero on
+        # real features: the winner's distance is measured directly.
+        distance = torch.empty(queries.shape[0])
+        for start in range(0, queries.shape[0], _QUERY_BLOCK):
+            part = slice(start, start + _QUERY_BLOCK)
+            distance[part] = (queries[part] - self.bank_[rows[part]]).norm(dim=1)
+        return NeighbourMatch(distance, rows)
 
 
 class BoundedSearch:
@@ -79,41 +95,107 @@ class BoundedSearch:
     distance in ``dim + 1`` dimensions, which faiss searches at a fraction of the full cost. The
     ``candidates`` rows with the smallest bound are then compared in full; when the best of them is
     no farther than the next-smallest bound, no other row can be nearer, so the answer is exact.
-    The few queries where that test fails are searched exhaustively. Result: the exhaustive search's
-    answer (up to ties and float rounding), at about ``dim / D`` of its arithmetic on real features.
+    Queries where that test fails get a pass with more candidates, then the exhaustive search.
+    Result: the exhaustive search's answer (up to ties and float rounding).
+
+    How many directions pay off depends on the features: random-init wide_resnet50_2 features need 64,
+    real MobileNet features about 256. So ``dim`` is chosen on the first search from ``dims``, by the
+    measured share of a sample of its queries that each would leave unproven; where none would beat
+    the exhaustive search, that is what runs.
     """
 
-    def __init__(self, dim: int, candidates: int) -> None:
-        self.dim = dim
+    def __init__(self, candidates: int, dims: tuple[int, ...]) -> None:
         self.candidates = candidates
+        self.dims = dims
 
-    def fit(self, bank: torch.Tensor) -> BoundedSearch:
-        """Index ``bank`` ``(M, D)`` float32: principal directions, bound coordinates, faiss index."""
-        import faiss
+    def fit(
+        self, bank: torch.Tensor, *, dim: int | None = None, calibration: torch.Tensor | None = None
+    ) -> BoundedSearch:
+        """Index ``bank`` ``(M, D)`` float32.
 
-        if bank.ndim != 2 or bank.shape[0] <= self.candidates or bank.shape[1] <= self.dim + 1:
+        ``dim``: use that many directions. Otherwise it is chosen now on ``calibration`` ``(n, D)``,
+        queries like the future ones (held-out nominal patches), or else on the first search's queries.
+        """
+        if bank.ndim != 2 or bank.shape[0] <= self.candidates:
             raise ValueError(
-                f"bounded search needs more than {self.candidates} rows and more than {self.dim + 1} "
-                f"dimensions, got a bank of shape {tuple(bank.shape)}"
+                f"bounded search needs more than {self.candidates} rows, got a bank of shape {tuple(bank.shape)}"
             )
+        if dim is not None and not 1 <= dim < bank.shape[1] - 1:
+            raise ValueError(f"dim must be in [1, {bank.shape[1] - 2}] for {bank.shape[1]}-d rows, got {dim}")
         bank = bank.detach().cpu().float().contiguous()
+        self.bank_ = bank
         self.mean_ = bank.mean(dim=0)
         sample = bank[:: max(1, bank.shape[0] // _PCA_ROWS)] - self.mean_
         # eigh of the covariance is deterministic (unlike randomised SVD): the same bank, the same basis.
         _, vectors = torch.linalg.eigh((sample.T @ sample).double())
-        self.basis_ = vectors[:, -self.dim :].float().contiguous()  # (D, dim) orthonormal
-        self.bank_ = bank
-        self.exhaustive_ = None
-        bound_rows = self._bound_coordinates(bank)
-        self.max_bound_norm_sq_ = float(bound_rows.square().sum(1).max())
-        index = faiss.IndexFlatL2(self.dim + 1)
-        index.add(bound_rows.numpy())
-        self.index_ = index
+        self.rotation_ = vectors.flip(1).float().contiguous()  # (D, D), columns by decreasing variance
+        self.dim_: int | None = None
+        self.fallback_fraction_ = 0.0
+        if dim is not None:
+            self._use_dim(dim)
+        elif calibration is not None and calibration.shape[0] > 0:
+            self._use_dim(self._choose_dim(calibration.detach().cpu().float()))
         return self
+
+    def _use_dim(self, dim: int) -> None:
+        """Build the faiss index of the bank's bound coordinates in ``dim`` directions (0: exhaustive)."""
+        import faiss
+
+        self.dim_ = dim
+        if dim == 0:
+            self.exhaustive_ = ExhaustiveSearch().fit(self.bank_)
+            return
+        self.basis_ = self.rotation_[:, :dim].contiguous()
+        bound_rows = self._bound_coordinates(self.bank_)
+        self.max_bound_norm_sq_ = float(bound_rows.square().sum(1).max())
+        self.index_ = faiss.IndexFlatL2(dim + 1)
+        self.index_.add(bound_rows.numpy())
+
+    def _choose_dim(self, queries: torch.Tensor) -> int:
+        """The cheapest of ``dims`` (or 0 = exhaustive) for queries like these, by a measured cost model."""
+        import faiss
+
+        m, d_full = self.bank_.shape
+        n = max(1, min(_CALIBRATION_QUERIES, queries.shape[0], _CALIBRATION_CELLS // m))
+        sample = queries[torch.linspace(0, queries.shape[0] - 1, n).long()].float()
+        # Everything in the full rotated basis once: each dim's bound coordinates are slices of it, and
+        # tail sums of squares give every residual norm without cancellation.
+        rotated_bank = (self.bank_ - self.mean_) @ self.rotation_
+        rotated_sample = (sample - self.mean_) @ self.rotation_
+        tail_bank = rotated_bank.square().flip(1).cumsum(1).flip(1)  # [:, j]: squared norm from direction j on
+        tail_sample = rotated_sample.square().flip(1).cumsum(1).flip(1)
+        exact_sq = torch.cdist(sample, self.bank_).square()  # (n, M)
+        wide = min(self.candidates * _WIDER_FACTOR, m - 1)
+        best_dim, best_cost = 0, float(d_full * m)  # the exhaustive search
+        for dim in self.dims:
+            if dim >= d_full - 1:
+                continue
+            coords_bank = torch.cat([rotated_bank[:, :dim], tail_bank[:, dim : dim + 1].sqrt()], dim=1)
+            coords_sample = torch.cat([rotated_sample[:, :dim], tail_sample[:, dim : dim + 1].sqrt()], dim=1)
+            index = faiss.IndexFlatL2(dim + 1)
+            index.add(coords_bank.contiguous().numpy())
+            bound_sq, rows = index.search(coords_sample.contiguous().numpy(), wide + 1)
+            bound_sq, rows = torch.from_numpy(bound_sq), torch.from_numpy(rows.astype(np.int64))
+            candidate_sq = exact_sq.gather(1, rows)
+            first = candidate_sq[:, : self.candidates].min(1).values > bound_sq[:, self.candidates]
+            second = candidate_sq[:, :wide].min(1).values > bound_sq[:, wide]
+            # Per query, in units of one exhaustive-search multiply-add: a bound pass over the bank, the
+            # projection, and the gathers of each pass's candidates; then the full search where needed.
+            bound_pass = (dim + 1 + _SELECTION_COST) * m
+            cost = (
+                bound_pass
+                + 2 * dim * d_full
+                + _GATHER_COST * self.candidates * d_full
+                + first.float().mean().item() * (bound_pass + _GATHER_COST * wide * d_full)
+                + second.float().mean().item() * d_full * m
+            )
+            if cost < best_cost:
+                best_dim, best_cost = dim, cost
+        return best_dim
 
     def _bound_coordinates(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n, D)`` -> ``(n, dim + 1)``: coordinates in the basis, then the norm of the residual."""
-        out = torch.empty(rows.shape[0], self.dim + 1)
+        out = torch.empty(rows.shape[0], self.dim_ + 1)
         for start in range(0, rows.shape[0], _QUERY_BLOCK):
             centred = rows[start : start + _QUERY_BLOCK] - self.mean_
             projected = centred @ self.basis_
@@ -124,9 +206,13 @@ class BoundedSearch:
 
     def search(self, queries: torch.Tensor) -> NeighbourMatch:
         """Nearest bank row of each ``(Q, D)`` query; distances are plain L2, computed directly."""
-        if not hasattr(self, "index_"):
+        if not hasattr(self, "bank_"):
             raise RuntimeError("BoundedSearch is not fitted: call fit(bank) first")
         queries = queries.detach().cpu().float()
+        if self.dim_ is None:
+            self._use_dim(self._choose_dim(queries))
+        if self.dim_ == 0:
+            return self.exhaustive_.search(queries)
         distances = torch.empty(queries.shape[0])
         indices = torch.empty(queries.shape[0], dtype=torch.int64)
         pending = torch.arange(queries.shape[0])

@@ -51,7 +51,6 @@ def test_distances_are_not_squared() -> None:
 
 def test_large_banks_use_the_bounded_search_and_small_ones_the_exhaustive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 100)
-    monkeypatch.setattr(memory_bank_module, "_BOUND_DIM", 8)
     large, small = _bank(300, 32, seed=1), _bank(60, 32, seed=2)
     queries = _queries(50, 32, seed=3)
     bounded = large.search(queries, CPU, method="bounded")

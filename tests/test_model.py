@@ -498,10 +498,22 @@ def test_search_method_is_a_scoring_setting_and_both_are_exact(
 
     # The test bank is small: lower the thresholds so that "bounded" really runs the bounded search.
     monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 16)
-    monkeypatch.setattr(memory_bank_module, "_BOUND_DIM", 8)
+    monkeypatch.setattr(memory_bank_module, "_BOUND_DIMS", (8,))
     exhaustive = fitted.retune(search="exhaustive").score(eval_embeddings, with_maps=False)
     bank = fitted.memory_bank_
     bounded = fitted.retune(search="bounded").score(eval_embeddings, with_maps=False)
     assert fitted.memory_bank_ is bank, "changing the search does not rebuild the memory bank"
     assert set(bank._indexes) == {"exhaustive", "bounded"}
     np.testing.assert_allclose(bounded.patch_scores, exhaustive.patch_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bounded_search_is_tuned_on_held_out_patches_when_the_bank_is_built(
+    fitted: SoftPatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from softpatch import memory_bank as memory_bank_module
+
+    monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 16)
+    monkeypatch.setattr(memory_bank_module, "_BOUND_DIMS", (4, 8))
+    bank = fitted.variant(tau=0.2).build_memory_bank()
+    index = bank._indexes["bounded"]
+    assert index.dim_ in (0, 4, 8), "chosen while the bank was built, before any score()"

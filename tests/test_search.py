@@ -42,7 +42,7 @@ def _assert_exact(match, bank: torch.Tensor, queries: torch.Tensor) -> None:
 
 def test_bounded_search_is_exact_on_structured_features() -> None:
     bank, queries = _structured(3000, 128, rank=20, seed=0)
-    search = BoundedSearch(dim=16, candidates=4).fit(bank)
+    search = BoundedSearch(4, (16,)).fit(bank, dim=16)
     match = search.search(queries)
     _assert_exact(match, bank, queries)
     assert match.distance.shape == (400,) and match.index.dtype == torch.int64
@@ -54,7 +54,7 @@ def test_bounded_search_stays_exact_where_the_bound_is_weak() -> None:
     # wider candidate pass or the full search. The answer must not change.
     rng = np.random.default_rng(1)
     bank, queries = _tensor(rng.normal(size=(2500, 128))), _tensor(rng.normal(size=(300, 128)))
-    search = BoundedSearch(dim=8, candidates=2).fit(bank)
+    search = BoundedSearch(2, (8,)).fit(bank, dim=8)
     match = search.search(queries)
     _assert_exact(match, bank, queries)
     assert search.fallback_fraction_ > 0.1, "this case must exercise the exhaustive fallback"
@@ -62,7 +62,7 @@ def test_bounded_search_stays_exact_where_the_bound_is_weak() -> None:
 
 def test_bound_coordinates_give_a_lower_bound_of_every_distance() -> None:
     bank, queries = _structured(800, 64, rank=10, seed=2)
-    search = BoundedSearch(dim=6, candidates=3).fit(bank)
+    search = BoundedSearch(3, (6,)).fit(bank, dim=6)
     bound = torch.cdist(search._bound_coordinates(queries).double(), search._bound_coordinates(bank).double())
     true = torch.cdist(queries.double(), bank.double())
     assert torch.all(bound <= true + 1e-4)
@@ -72,7 +72,7 @@ def test_bound_coordinates_give_a_lower_bound_of_every_distance() -> None:
 def test_exact_duplicates_and_bank_rows_as_queries() -> None:
     bank, _ = _structured(1000, 64, rank=8, seed=3)
     bank[500:510] = bank[0]  # ten copies of row 0
-    search = BoundedSearch(dim=8, candidates=4).fit(bank)
+    search = BoundedSearch(4, (8,)).fit(bank, dim=8)
     match = search.search(bank[[0, 3, 505, 999]].clone())
     assert match.distance.tolist() == [0.0, 0.0, 0.0, 0.0]
     assert match.index[1].item() == 3 and match.index[3].item() == 999
@@ -83,41 +83,41 @@ def test_rank_deficient_bank_and_queries_off_its_subspace() -> None:
     rng = np.random.default_rng(4)
     bank = _tensor(np.hstack([rng.normal(size=(600, 5)), np.zeros((600, 59))]))  # spans 5 of 64 dimensions
     queries = _tensor(rng.normal(size=(200, 64)) * 3.0)  # mostly off that subspace
-    match = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    match = BoundedSearch(4, (8,)).fit(bank, dim=8).search(queries)
     _assert_exact(match, bank, queries)
 
 
 def test_far_away_queries_with_large_norms() -> None:
     bank, queries = _structured(1500, 64, rank=10, seed=5)
     queries = queries * 50.0 + 1000.0
-    match = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    match = BoundedSearch(4, (8,)).fit(bank, dim=8).search(queries)
     _assert_exact(match, bank, queries)
 
 
 def test_blocking_does_not_change_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     bank, queries = _structured(1200, 64, rank=10, seed=6)
-    whole = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    whole = BoundedSearch(4, (8,)).fit(bank, dim=8).search(queries)
     monkeypatch.setattr(search_module, "_QUERY_BLOCK", 37)
     monkeypatch.setattr(search_module, "_RERANK_BLOCK", 5)
-    blocked = BoundedSearch(dim=8, candidates=4).fit(bank).search(queries)
+    blocked = BoundedSearch(4, (8,)).fit(bank, dim=8).search(queries)
     assert torch.equal(whole.index, blocked.index)
     torch.testing.assert_close(whole.distance, blocked.distance)
 
 
 def test_fitting_is_deterministic() -> None:
     bank, queries = _structured(900, 48, rank=6, seed=7)
-    first, second = BoundedSearch(dim=6, candidates=3).fit(bank), BoundedSearch(dim=6, candidates=3).fit(bank)
+    first, second = BoundedSearch(3, (6,)).fit(bank, dim=6), BoundedSearch(3, (6,)).fit(bank, dim=6)
     assert torch.equal(first.basis_, second.basis_)
     assert torch.equal(first.search(queries).index, second.search(queries).index)
 
 
 def test_bounded_search_refuses_unusable_banks_and_use_before_fit() -> None:
     with pytest.raises(RuntimeError, match="not fitted"):
-        BoundedSearch(dim=4, candidates=2).search(torch.zeros(3, 16))
+        BoundedSearch(2, (4,)).search(torch.zeros(3, 16))
     with pytest.raises(ValueError, match="more than 8 rows"):
-        BoundedSearch(dim=4, candidates=8).fit(torch.zeros(8, 16))
-    with pytest.raises(ValueError, match="more than 9 dimensions"):
-        BoundedSearch(dim=8, candidates=2).fit(torch.zeros(50, 9))
+        BoundedSearch(8, (4,)).fit(torch.zeros(8, 16))
+    with pytest.raises(ValueError, match=r"dim must be in \[1, 7\]"):
+        BoundedSearch(2, (8,)).fit(torch.zeros(50, 9), dim=8)
 
 
 def test_torch_search_equals_faiss_and_chunks_queries(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,3 +137,29 @@ def test_torch_search_distance_of_an_exact_match_is_zero() -> None:
     # Large norms: the expanded |q|^2 + |m|^2 - 2qm form alone would not give 0 here.
     match = exhaustive_search_torch(bank, bank[[3, 17]].clone(), CPU)
     assert match.index.tolist() == [3, 17] and match.distance.tolist() == [0.0, 0.0]
+
+
+def test_the_first_search_picks_few_directions_for_low_rank_features() -> None:
+    bank, queries = _structured(4000, 256, rank=12, seed=10)
+    search = BoundedSearch(8, (16, 64, 128)).fit(bank)
+    assert search.dim_ is None, "chosen on the first search, from its queries"
+    match = search.search(queries)
+    _assert_exact(match, bank, queries)
+    assert search.dim_ == 16, "12 strong directions: the fewest directions already prove almost every answer"
+
+
+def test_the_first_search_falls_back_to_exhaustive_where_no_bound_helps() -> None:
+    # Isotropic 256-d noise: no handful of directions bounds distances usefully.
+    rng = np.random.default_rng(11)
+    bank, queries = _tensor(rng.normal(size=(3000, 256))), _tensor(rng.normal(size=(300, 256)))
+    search = BoundedSearch(8, (16, 32)).fit(bank)
+    match = search.search(queries)
+    assert search.dim_ == 0 and isinstance(search.exhaustive_, ExhaustiveSearch)
+    _assert_exact(match, bank, queries)
+
+
+def test_dims_that_do_not_fit_the_features_are_skipped() -> None:
+    bank, queries = _structured(600, 12, rank=4, seed=12)
+    search = BoundedSearch(4, (32, 64)).fit(bank)  # 12-d rows: neither fits, so the full search runs
+    _assert_exact(search.search(queries), bank, queries)
+    assert search.dim_ == 0
