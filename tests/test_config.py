@@ -162,3 +162,12 @@ def test_containers_are_normalised_and_copied() -> None:
     layers.append(4)
     assert config.backbone_kwargs == {"bn_eps": 0.001}, "the caller's dict must not alias the config"
     assert config.layers == (2, 3)
+
+
+def test_a_retired_key_from_an_earlier_bundle_is_accepted_and_dropped() -> None:
+    data = SoftPatchConfig().to_dict()
+    data["search_candidates"] = 8  # the approximate search of earlier versions, replaced by an exact one
+    assert SoftPatchConfig.from_dict(data) == SoftPatchConfig()
+    data["no_such_key"] = 1
+    with pytest.raises(ConfigError, match="no_such_key"):
+        SoftPatchConfig.from_dict(data)
