@@ -225,8 +225,10 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone: nn.Module, config: SoftPatchConfig) -> None:
         super().__init__()
         self.backbone = backbone.eval()  # the weights as loaded: what bundles store
-        # What the forward pass runs: the same function with batch norms folded (faster on a CPU).
-        self.inference_backbone = fold_batch_norm(self.backbone)
+        # What the forward pass runs: the same function with batch norms folded (faster on a CPU). Held as a
+        # second submodule only when folding made a copy, so that it moves with .to() and nothing is listed twice.
+        folded = fold_batch_norm(self.backbone)
+        self.inference_backbone = folded if folded is not self.backbone else None
         self.patch_size = config.patch_size
         self.precision = config.precision
         channels = list(backbone.feature_info.channels())
@@ -238,6 +240,10 @@ class FeatureExtractor(nn.Module):
         self.feature_dim = config.feature_dim
         self.stride = backbone.feature_info.reduction()[0]
 
+    @property
+    def _runner(self) -> nn.Module:
+        return self.backbone if self.inference_backbone is None else self.inference_backbone
+
     def grid_shape(self, crop: int) -> tuple[int, int]:
         side = -(-crop // self.stride)
         return side, side
@@ -248,9 +254,9 @@ class FeatureExtractor(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-                maps = self.inference_backbone(images)
+                maps = self._runner(images)
         else:
-            maps = self.inference_backbone(images)
+            maps = self._runner(images)
         pad = self.patch_size // 2
         grid = maps[0].shape[-2:]
         parts = []

@@ -306,7 +306,18 @@ def test_batch_norm_folding_keeps_the_outputs_and_the_stored_weights(images: tor
             torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     assert list(backbone.state_dict()) == keys, "the original keeps its weights: bundles store those"
     extractor = FeatureExtractor(backbone, config)
-    assert extractor.backbone is backbone and extractor.inference_backbone is not backbone
+    assert extractor.backbone is backbone and extractor.inference_backbone is not None
+    assert extractor.inference_backbone is not backbone
+
+
+def test_an_unfoldable_backbone_is_held_once() -> None:
+    config = SoftPatchConfig(
+        backbone="mobilenetv1_100", pretrained=False, backbone_kwargs={"pad_type": "same"}, feature_dim=64
+    )
+    extractor = FeatureExtractor(create_backbone(config), config)
+    assert extractor.inference_backbone is None, "torch.fx cannot trace 'same' padding: nothing folded"
+    names = [name for name, _ in extractor.named_parameters()]
+    assert names and all(name.startswith("backbone.") for name in names)
 
 
 def test_batch_norm_folding_leaves_untraceable_or_training_models_alone() -> None:
