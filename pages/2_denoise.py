@@ -8,12 +8,19 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from softpatch.config import DEVICES
 from softpatch.discriminators import DISCRIMINATORS, NEIGHBOUR_CACHE_K
 from softpatch.errors import WeightsError
 from softpatch_app import plots, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
-from softpatch_app.settings import BACKBONE_CHOICES, WEIGHT_MODE_LABELS, WEIGHT_MODES
+from softpatch_app.settings import (
+    BACKBONE_CHOICES,
+    SIZE_CHOICES,
+    WEIGHT_MODE_LABELS,
+    WEIGHT_MODES,
+    settings_from_widgets,
+)
 from softpatch_app.state import SessionData, get_session
 from softpatch_app.ui import PAGES, need_data, show_notices
 from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
@@ -108,7 +115,7 @@ with st.expander(
         )
         st.selectbox(
             "Image size (resize / centre crop, pixels)",
-            ["128/112", "160/144", "224/192", "256/224", "320/288"],
+            SIZE_CHOICES,
             key="dn_size",
             accept_new_options=True,
             help="Images are squashed to the first size and the centre is cropped to the second. "
@@ -116,7 +123,7 @@ with st.expander(
         )
         st.selectbox(
             "Device",
-            ["auto", "cpu", "cuda"],
+            DEVICES,
             key="dn_device",
             help="auto uses the GPU when there is one, else the CPU.",
         )
@@ -168,37 +175,25 @@ with c5:
         help="Also down-weight kept patches that look a little unusual (the paper's soft re-weighting).",
     )
 
-# Read the widgets into one settings object (a bad value becomes a clear message, not a crash).
-wanted = s
-with user_errors("read the settings"):
-    kwargs_text = st.session_state["dn_kwargs"].strip()
-    try:
-        kwargs = json.loads(kwargs_text) if kwargs_text else {}
-    except ValueError:
-        kwargs = None
-    if not isinstance(kwargs, dict):
-        st.warning('Extra backbone settings must be a JSON object like {"bn_eps": 0.001}; ignored for now.')
-        kwargs = s.backbone_kwargs
-    try:
-        resize, crop = (int(x) for x in str(st.session_state["dn_size"]).split("/"))
-    except ValueError:
-        st.warning("Image size must look like 256/224 (resize/crop); keeping the previous size.")
-        resize, crop = s.resize, s.crop
-    wanted = s.with_changes(
-        backbone=str(st.session_state["dn_backbone"]).strip() or s.backbone,
-        weights_mode=st.session_state["dn_weights_mode"],
-        weights_path=st.session_state.get("dn_weights_path", s.weights_path).strip(),
-        backbone_kwargs=kwargs,
-        resize=resize,
-        crop=crop,
-        device=st.session_state["dn_device"],
-        discriminator=st.session_state["dn_disc"],
-        tau=float(st.session_state["dn_tau"]),
-        lof_k=int(st.session_state["dn_k"]),
-        coreset_ratio=float(st.session_state["dn_ratio"]),
-        soft_weight=bool(st.session_state["dn_soft"]),
-    )
-    wanted.fit_config()  # checks every value (ConfigError -> clear message)
+# Read the widgets into one settings object (a refused value becomes a clear warning, not a crash).
+wanted, problems = settings_from_widgets(
+    s,
+    {
+        "backbone": st.session_state["dn_backbone"] or s.backbone,
+        "weights_mode": st.session_state["dn_weights_mode"],
+        "weights_path": st.session_state.get("dn_weights_path", s.weights_path),
+        "backbone_kwargs": st.session_state["dn_kwargs"],
+        "size": st.session_state["dn_size"],
+        "device": st.session_state["dn_device"],
+        "discriminator": st.session_state["dn_disc"],
+        "tau": float(st.session_state["dn_tau"]),
+        "lof_k": int(st.session_state["dn_k"]),
+        "coreset_ratio": float(st.session_state["dn_ratio"]),
+        "soft_weight": bool(st.session_state["dn_soft"]),
+    },
+)
+for problem in problems:
+    st.warning(problem, icon=":material/warning:")
 session.settings = wanted
 
 # ----------------------------------------------------------------------------------------------- fit

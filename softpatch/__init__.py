@@ -1,27 +1,37 @@
-"""SoftPatch: anomaly detection that stays robust when the "good" training images are not all good."""
+"""SoftPatch: anomaly detection that stays robust when the "good" training images are not all good.
 
-from softpatch.config import ConfigError, SoftPatchConfig
-from softpatch.errors import SoftPatchError
-from softpatch.model import Embeddings, ScoreResult, SoftPatch, VettingReport
+The public names are imported on first use, so that ``softpatch.cli`` starts (and answers Ctrl-C) before
+torch is imported.
+"""
 
-__all__ = [
-    "ConfigError",
-    "Embeddings",
-    "ScoreResult",
-    "SoftPatch",
-    "SoftPatchConfig",
-    "SoftPatchError",
-    "VettingReport",
-    "load_bundle",
-    "save_bundle",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names, for type checkers and editors
+    from softpatch.bundle import load_bundle, save_bundle  # noqa: F401
+    from softpatch.config import ConfigError, SoftPatchConfig  # noqa: F401
+    from softpatch.errors import SoftPatchError  # noqa: F401
+    from softpatch.model import Embeddings, ScoreResult, SoftPatch, VettingReport  # noqa: F401
+
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "ConfigError": "softpatch.config",
+    "Embeddings": "softpatch.model",
+    "ScoreResult": "softpatch.model",
+    "SoftPatch": "softpatch.model",
+    "SoftPatchConfig": "softpatch.config",
+    "SoftPatchError": "softpatch.errors",
+    "VettingReport": "softpatch.model",
+    "load_bundle": "softpatch.bundle",
+    "save_bundle": "softpatch.bundle",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # Bundles pull in safetensors; import on first use.
-    if name in ("load_bundle", "save_bundle"):
-        from softpatch import bundle
-
-        return getattr(bundle, name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> object:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'softpatch' has no attribute {name!r}")

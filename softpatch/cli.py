@@ -10,87 +10,96 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from softpatch.config import SEARCH_METHODS, ConfigError, SoftPatchConfig
+from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
 from softpatch.errors import SoftPatchError
 
+# Which settings each command offers, by group; every option is derived from the settings' declaration.
+_BACKBONE_GROUP = (
+    "backbone",
+    "layers",
+    "backbone_kwargs",
+    "weights",
+    "pretrained",
+    "resize",
+    "crop",
+    "feature_dim",
+    "patch_size",
+    "precision",
+    "batch_size",
+    "device",
+)
+_DENOISE_GROUP = (
+    "discriminator",
+    "lof_k",
+    "gaussian_reg",
+    "fusion",
+    "tau",
+    "tau_scope",
+    "soft_weight",
+    "coreset",
+    "coreset_ratio",
+    "projection_dim",
+    "blur_sigma",
+    "search",
+    "seed",
+)
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers takes comma-separated stage numbers like 2,3, not {text!r}"
-        ) from None
+
+def _option_type(name: str):
+    def parse(text: str) -> object:
+        try:
+            return parse_setting(name, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = SETTINGS[name].kind  # argparse names the type in its messages
+    return parse
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--backbone-kwargs is not valid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--backbone-kwargs must be a JSON object, e.g. '{\"bn_eps\": 0.001}'")
-    return value
+def _add_setting_options(parser: argparse.ArgumentParser, title: str, names: Sequence[str]) -> None:
+    """One option per setting, with the declaration's help, default and check (``softpatch.config.SETTINGS``)."""
+    group = parser.add_argument_group(title)
+    for name in names:
+        setting, default = SETTINGS[name], DEFAULTS[name]
+        flag = name.replace("_", "-")
+        if setting.kind == "bool":
+            # Every boolean defaults to on; the option turns it off.
+            group.add_argument(
+                f"--no-{flag}", dest=name, action="store_false", default=default, help=f"turn off: {setting.help}"
+            )
+            continue
+        shown = (
+            ",".join(map(str, default))
+            if isinstance(default, tuple)
+            else json.dumps(default)
+            if isinstance(default, dict)
+            else default
+        )
+        choices = setting.allowed() if setting.kind == "choice" else None
+        group.add_argument(
+            f"--{flag}",
+            dest=name,
+            type=_option_type(name),
+            default=default,
+            choices=choices,
+            metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+            help=setting.help if "default" in setting.help else f"{setting.help} (default: {shown})",
+        )
 
 
 def _add_backbone_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", default="wide_resnet50_2", help="timm model name (default: wide_resnet50_2)")
-    group.add_argument("--layers", type=_layers, default=(2, 3), help="feature stages, e.g. 2,3 (default)")
-    group.add_argument("--backbone-kwargs", type=_json_object, default={}, help="extra timm kwargs as JSON")
-    group.add_argument("--weights", default=None, help="local weights file (safetensors or torch state dict)")
-    group.add_argument("--no-pretrained", action="store_true", help="random weights (only to try the workflow)")
-    group.add_argument("--resize", type=int, default=256, help="resize side before cropping (default 256)")
-    group.add_argument("--crop", type=int, default=224, help="centre crop side (default 224)")
-    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision")
-    group.add_argument(
-        "--batch-size", type=int, default=None, help="images per backbone pass (default: 8 on a CPU, 32 on a GPU)"
-    )
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = CUDA if present")
+    _add_setting_options(parser, "backbone", _BACKBONE_GROUP)
 
 
 def _add_denoise_options(parser: argparse.ArgumentParser, *, with_discriminator: bool = True) -> None:
-    group = parser.add_argument_group("denoising")
-    if with_discriminator:
-        from softpatch.discriminators import DISCRIMINATORS
-
-        group.add_argument("--discriminator", choices=sorted(DISCRIMINATORS), default="lof", help="noise discriminator")
-    group.add_argument("--tau", type=float, default=0.15, help="share of patches removed as noise (default 0.15)")
-    group.add_argument("--tau-scope", choices=["global", "position"], default="global", help="one cut or per position")
-    group.add_argument("--lof-k", type=int, default=6, help="LOF neighbours (default 6)")
-    group.add_argument("--coreset-ratio", type=float, default=0.1, help="memory bank share of kept patches")
-    group.add_argument("--no-soft-weight", action="store_true", help="plain distances at test time")
-    group.add_argument(
-        "--search",
-        choices=SEARCH_METHODS,
-        default="bounded",
-        help="nearest-neighbour search on CPU; both are exact, 'exhaustive' is the slower baseline",
-    )
-    group.add_argument("--seed", type=int, default=0, help="seed of the coreset (a fit is reproducible)")
+    names = _DENOISE_GROUP if with_discriminator else tuple(n for n in _DENOISE_GROUP if n != "discriminator")
+    _add_setting_options(parser, "denoising", names)
 
 
 def _config(args: argparse.Namespace) -> SoftPatchConfig:
-    return SoftPatchConfig(
-        backbone=args.backbone,
-        layers=args.layers,
-        backbone_kwargs=args.backbone_kwargs,
-        weights=args.weights,
-        pretrained=not args.no_pretrained,
-        resize=args.resize,
-        crop=args.crop,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        device=args.device,
-        discriminator=getattr(args, "discriminator", "lof"),
-        tau=args.tau,
-        tau_scope=args.tau_scope,
-        lof_k=args.lof_k,
-        coreset_ratio=args.coreset_ratio,
-        soft_weight=not args.no_soft_weight,
-        search=args.search,
-        seed=args.seed,
-    )
+    return SoftPatchConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)})
 
 
 def _progress(quiet: bool):
@@ -198,8 +207,7 @@ def _cmd_vet(args: argparse.Namespace) -> int:
 
     records = _training_images(args.train_dir)
     # Vetting needs only features and noise scores; the memory bank is never built.
-    model = SoftPatch(_config(args))
-    model.fit_embeddings(model.embed(records, progress=_progress(args.quiet)), build_memory_bank=False)
+    model = SoftPatch(_config(args)).fit(records, build_memory_bank=False, progress=_progress(args.quiet))
     rows = model.vetting_report().rows()
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as fh:
@@ -237,8 +245,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"softpatch: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="softpatch",
         description="Anomaly detection that stays robust when 'good' training images are not all good.",
     )
@@ -257,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("paths", nargs="+", help="image files or folders")
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("--heatmaps", default=None, help="folder to write heatmap overlays into")
-    score.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    score.add_argument("--device", choices=DEVICES, default=DEFAULTS["device"], help=SETTINGS["device"].help)
     score.set_defaults(run=_cmd_score)
 
     vet = commands.add_parser("vet", help="rank training images by how likely they are defective")
@@ -280,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; every failure is one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # also during the heavy imports at start-up
+        print("softpatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -289,14 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
         return int(args.run(args) or 0)
-    except (SoftPatchError, ConfigError) as exc:
+    except SoftPatchError as exc:
         print(f"softpatch: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("softpatch: interrupted", file=sys.stderr)
-        return 130
     except MemoryError:
         print("softpatch: error: out of memory; use fewer images or a smaller --crop", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("softpatch: error: an input is nested too deeply to be read", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"softpatch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from softpatch.config import SoftPatchConfig
-from softpatch.errors import WeightsError
+from softpatch.errors import ResourceError, WeightsError
 
 log = logging.getLogger(__name__)
 
 # A weights file must cover at least this share of the backbone's tensors, else it is for another model.
 _MIN_WEIGHTS_COVERAGE = 0.95
+# Largest backbone (parameters and buffers, float32) built at all; also at most a third of the free memory.
+_MAX_BACKBONE_BYTES = 4 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -119,28 +121,38 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
-def create_backbone(config: SoftPatchConfig) -> nn.Module:
-    """Build the timm ``features_only`` backbone with the weights the config asks for; never a silent fallback."""
+def backbone_bytes(config: SoftPatchConfig) -> int:
+    """Bytes of the backbone's parameters and buffers, counted on the meta device (nothing is allocated).
+
+    Raises ``WeightsError`` for a name timm does not know or settings the network cannot be built with.
+    """
     import timm
 
-    kwargs = dict(features_only=True, out_indices=config.layers, **config.backbone_kwargs)
+    if not timm.is_model(config.backbone):
+        raise WeightsError(f"unknown backbone {config.backbone!r}: not a timm model name")
+    with _timm_errors(config), torch.device("meta"):
+        skeleton = timm.create_model(config.backbone, pretrained=False, **_timm_kwargs(config))
+    tensors = [*skeleton.parameters(), *skeleton.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _timm_kwargs(config: SoftPatchConfig) -> dict:
+    # backbone_kwargs holds only allow-listed keys (SoftPatchConfig checks them): nothing here reaches files.
+    return dict(features_only=True, out_indices=config.layers, **config.backbone_kwargs)
+
+
+@contextlib.contextmanager
+def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
+    """timm raises many types; each becomes one clear ``WeightsError`` sentence."""
     try:
-        if config.weights_source == "pretrained":
-            offline = contextlib.nullcontext() if _hub_reachable() else _hub_offline()
-            with offline:
-                model = timm.create_model(config.backbone, pretrained=True, **kwargs)
-        else:
-            # Seed the random init so that a random-weights fit is reproducible too.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                model = timm.create_model(config.backbone, pretrained=False, **kwargs)
+        yield
     except WeightsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - timm raises many types; each becomes one clear sentence
+    except Exception as exc:  # noqa: BLE001 - see the docstring
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Unknown model" in text or "Invalid model" in text:
             raise WeightsError(f"unknown backbone {config.backbone!r}: not a timm model name") from None
-        if isinstance(exc, (TypeError, ValueError, IndexError, AssertionError)):
+        if isinstance(exc, (TypeError, ValueError, IndexError, AssertionError, NotImplementedError)):
             raise WeightsError(
                 f"backbone {config.backbone!r} cannot be built with layers={list(config.layers)} "
                 f"and backbone_kwargs={config.backbone_kwargs}: {text[:200]}"
@@ -152,6 +164,41 @@ def create_backbone(config: SoftPatchConfig) -> nn.Module:
                 "app), or choose random weights explicitly (--no-pretrained) to try the workflow only."
             ) from None
         raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
+
+
+def check_backbone_size(config: SoftPatchConfig) -> int:
+    """The backbone's size in bytes; ``ResourceError`` before anything is allocated when it is too large."""
+    from softpatch.resources import available_memory
+
+    size = backbone_bytes(config)
+    limit = min(_MAX_BACKBONE_BYTES, available_memory(torch.device("cpu")) // 3)
+    if size > limit:
+        raise ResourceError(
+            f"backbone {config.backbone!r} with these settings has {size / 1024**3:.1f} GiB of weights; this machine "
+            f"allows at most {limit / 1024**3:.1f} GiB: choose a smaller backbone"
+        )
+    return size
+
+
+def create_backbone(config: SoftPatchConfig) -> nn.Module:
+    """Build the timm ``features_only`` backbone with the weights the config asks for; never a silent fallback.
+
+    The size is checked on the meta device first. The network is reached only for timm's own pretrained
+    download of a plain model name, and only when ``config.weights_source == "pretrained"``.
+    """
+    import timm
+
+    check_backbone_size(config)
+    with _timm_errors(config):
+        if config.weights_source == "pretrained":
+            offline = contextlib.nullcontext() if _hub_reachable() else _hub_offline()
+            with offline:
+                model = timm.create_model(config.backbone, pretrained=True, **_timm_kwargs(config))
+        else:
+            # Seed the random init so that a random-weights fit is reproducible too.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = timm.create_model(config.backbone, pretrained=False, **_timm_kwargs(config))
     if config.weights_source == "file":
         path = Path(config.weights or "")
         _load_into(model, read_weights_file(path), config.backbone, path)

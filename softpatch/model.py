@@ -18,7 +18,7 @@ from PIL import Image
 
 from softpatch.anomaly_map import anomaly_maps
 from softpatch.chunking import run_in_chunks
-from softpatch.config import SoftPatchConfig
+from softpatch.config import FEATURE_FIELDS, RETUNE_FIELDS, SoftPatchConfig
 from softpatch.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.device import default_batch_size, resolve_device
 from softpatch.discriminators import (
@@ -36,38 +36,19 @@ from softpatch.features import BackboneInfo, FeatureExtractor, backbone_info, cr
 from softpatch.images import ImageTransform, load_image
 from softpatch.memory_bank import MemoryBank
 from softpatch.progress import ProgressCallback, report
-from softpatch.resources import available_memory, estimate_fit_memory, work_budget
+from softpatch.resources import (
+    MemoryEstimate,
+    available_memory,
+    estimate_embed_memory,
+    estimate_fit_memory,
+    work_budget,
+)
 from softpatch.sampler import random_projection, select_coreset
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
 
 # Held-out training patches on which the bounded nearest-neighbour search picks its settings.
 _CALIBRATION_PATCHES = 1024
-# Settings that change the features themselves: changing one needs a new fit, not a re-tune.
-FEATURE_FIELDS = frozenset(
-    {"resize", "crop", "backbone", "layers", "backbone_kwargs", "pretrained", "weights", "feature_dim", "patch_size"}
-)
-# Settings a re-tune may change without touching the images again.
-RETUNE_FIELDS = frozenset(
-    {
-        "discriminator",
-        "lof_k",
-        "gaussian_reg",
-        "fusion",
-        "tau",
-        "tau_scope",
-        "soft_weight",
-        "coreset",
-        "coreset_ratio",
-        "projection_dim",
-        "seed",
-        "blur_sigma",
-        "search",
-        "batch_size",
-        "precision",
-        "device",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -130,11 +111,6 @@ class _TrainingState:
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
 
 
-def _feature_key(config: SoftPatchConfig) -> str:
-    relevant = {k: v for k, v in config.to_dict().items() if k in FEATURE_FIELDS}
-    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
-
-
 def build_extractor(config: SoftPatchConfig, device: torch.device) -> FeatureExtractor:
     """The backbone + patch feature module for ``config`` on ``device`` (the app caches this)."""
     extractor = FeatureExtractor(create_backbone(config), config)
@@ -159,17 +135,25 @@ class SoftPatch:
         self.threshold_: float | None = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, images: Sequence[ImageInput], *, progress: ProgressCallback | None = None) -> SoftPatch:
-        """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self."""
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        build_memory_bank: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> SoftPatch:
+        """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self.
+
+        Refuses (``ResourceError``) before reading any image when the fit would not fit in memory.
+        ``build_memory_bank=False`` stops after the noise scores, enough for vetting.
+        """
         if len(images) == 0:
             raise SoftPatchError("no training images to fit on")
         self.device_ = resolve_device(self.config.device)
         grid = self._get_extractor().grid_shape(self.config.crop)
-        estimate = estimate_fit_memory(self.config, len(images), grid)
-        available = available_memory(torch.device("cpu"))
-        if estimate.total_bytes > available:
-            raise ResourceError(estimate.refusal_message(available))
-        return self.fit_embeddings(self.embed(images, progress=progress), progress=progress)
+        _check_memory(estimate_fit_memory(self.config, len(images), grid, with_memory_bank=build_memory_bank))
+        embeddings = self.embed(images, progress=progress)
+        return self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
 
     def fit_embeddings(
         self, embeddings: Embeddings, *, build_memory_bank: bool = True, progress: ProgressCallback | None = None
@@ -181,7 +165,7 @@ class SoftPatch:
         """
         if len(embeddings) == 0:
             raise SoftPatchError("no training images to fit on")
-        if embeddings.feature_key != _feature_key(self.config):
+        if embeddings.feature_key != self.config.feature_key():
             raise SoftPatchError("these embeddings were computed with other feature settings than this model's")
         self.device_ = resolve_device(self.config.device)
         self.grid_shape_ = self._get_extractor().grid_shape(self.config.crop)
@@ -242,6 +226,7 @@ class SoftPatch:
         transform = self.transform_
         grid = extractor.grid_shape(self.config.crop)
         n = len(images)
+        _check_memory(estimate_embed_memory(self.config, n, grid))
         names = [_name_of(img, i) for i, img in enumerate(images)]
         out = torch.empty(n, grid[0] * grid[1], self.config.feature_dim, dtype=torch.float32)
         sizes: list[tuple[int, int]] = []
@@ -253,7 +238,7 @@ class SoftPatch:
             out[done : done + len(batch)] = self._forward_with_fallback(extractor, batch)
             done += len(batch)
             report(progress, done / n, f"features: {done}/{n} images")
-        return Embeddings(out, names, sizes, _feature_key(self.config))
+        return Embeddings(out, names, sizes, self.config.feature_key())
 
     def _forward_with_fallback(self, extractor: FeatureExtractor, batch: torch.Tensor) -> torch.Tensor:
         """Run a batch; on a GPU out-of-memory, in smaller pieces, then on the CPU, keeping work already done."""
@@ -419,7 +404,7 @@ class SoftPatch:
         if len(images) == 0:
             raise SoftPatchError("no images to score")
         embeddings = images if isinstance(images, Embeddings) else self.embed(images, progress=progress)
-        if embeddings.feature_key != _feature_key(self.config):
+        if embeddings.feature_key != self.config.feature_key():
             raise SoftPatchError("these embeddings were computed with other feature settings than this model's")
         bank = self.build_memory_bank()
         n, p, d = embeddings.features.shape
@@ -516,6 +501,13 @@ class SoftPatch:
         suspicion = self.suspicion_
         ranking = np.argsort(-suspicion, kind="stable")
         return VettingReport(list(self.train_names_), suspicion, self.removed_fraction_, ranking)
+
+
+def _check_memory(estimate: MemoryEstimate) -> None:
+    """``ResourceError`` before any work when ``estimate`` exceeds the host's free memory."""
+    available = available_memory(torch.device("cpu"))
+    if estimate.total_bytes > available:
+        raise ResourceError(estimate.refusal_message(available))
 
 
 def _name_of(image: object, index: int) -> str:

@@ -35,14 +35,17 @@ class MemoryEstimate:
 
     def refusal_message(self, available: int) -> str:
         return (
-            f"this fit needs about {_gib(self.total_bytes)} of memory ({self.n_images} images: features "
+            f"this needs about {_gib(self.total_bytes)} of memory ({self.n_images} images: features "
             f"{_gib(self.features_bytes)}, noise scores {_gib(self.neighbours_bytes)}, coreset "
-            f"{_gib(self.coreset_bytes)}) but only {_gib(available)} is free; use fewer images, a smaller crop "
-            "(--crop), or a smaller feature size"
+            f"{_gib(self.coreset_bytes)}, backbone {_gib(self.backbone_bytes)}) but only {_gib(available)} is free; "
+            "use fewer images, a smaller crop, or a smaller feature size"
         )
 
 
-def estimate_fit_memory(config: SoftPatchConfig, n_images: int, grid: tuple[int, int]) -> MemoryEstimate:
+def estimate_fit_memory(
+    config: SoftPatchConfig, n_images: int, grid: tuple[int, int], *, with_memory_bank: bool = True
+) -> MemoryEstimate:
+    """Peak host memory of a fit on ``n_images``; ``with_memory_bank=False`` for vetting only (no coreset)."""
     patches = n_images * grid[0] * grid[1]
     k = min(max(NEIGHBOUR_CACHE_K, config.lof_k), max(1, n_images - 1))
     return MemoryEstimate(
@@ -50,8 +53,26 @@ def estimate_fit_memory(config: SoftPatchConfig, n_images: int, grid: tuple[int,
         features_bytes=patches * config.feature_dim * 4,
         neighbours_bytes=patches * k * 8,
         coreset_bytes=patches * (config.projection_dim * 4 + 16)
-        + int(patches * config.coreset_ratio) * config.feature_dim * 4,
-        backbone_bytes=400 * 1024**2 + (config.batch_size or 32) * 3 * config.crop**2 * 4 * 40,
+        + int(patches * config.coreset_ratio) * config.feature_dim * 4
+        if with_memory_bank
+        else 0,
+        backbone_bytes=backbone_batch_bytes(config),
+    )
+
+
+def backbone_batch_bytes(config: SoftPatchConfig) -> int:
+    """Weights and the activations of one backbone batch (a generous rule of thumb: 40 floats per input value)."""
+    return 400 * 1024**2 + (config.batch_size or 32) * 3 * config.crop**2 * 4 * 40
+
+
+def estimate_embed_memory(config: SoftPatchConfig, n_images: int, grid: tuple[int, int]) -> MemoryEstimate:
+    """Peak host memory of extracting the features of ``n_images`` (scoring, or the first stage of a fit)."""
+    return MemoryEstimate(
+        n_images=n_images,
+        features_bytes=n_images * grid[0] * grid[1] * config.feature_dim * 4,
+        neighbours_bytes=0,
+        coreset_bytes=0,
+        backbone_bytes=backbone_batch_bytes(config),
     )
 
 

@@ -103,11 +103,7 @@ def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
 
 def feature_token(config: SoftPatchConfig) -> str:
     """Fingerprint of the settings that decide patch features (and of the weights file's content token)."""
-    from softpatch.model import FEATURE_FIELDS
-
-    data = config.to_dict()
-    key = json.dumps({k: data[k] for k in sorted(FEATURE_FIELDS)}, sort_keys=True, default=str)
-    return key + repr(file_token(config.weights) if config.weights else "")
+    return config.feature_key() + repr(file_token(config.weights) if config.weights else "")
 
 
 def mask_for(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:

@@ -248,7 +248,7 @@ def test_unknown_backbone(small_config: SoftPatchConfig) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "words"),
-    [({"layers": (9,)}, "layers=[9]"), ({"backbone_kwargs": {"no_such_option": 1}}, "no_such_option")],
+    [({"layers": (5,)}, "layers=[5]"), ({"layers": (1, 6)}, "layers=[1, 6]")],  # resnet18 has stages 0-4
 )
 def test_unbuildable_backbone_settings(small_config: SoftPatchConfig, changes: dict, words: str) -> None:
     with pytest.raises(WeightsError, match="cannot be built") as info:

@@ -18,7 +18,7 @@ from softpatch.config import ConfigError, SoftPatchConfig
 from softpatch.data import ImageRecord
 from softpatch.denoise import soft_weights
 from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
-from softpatch.model import Embeddings, SoftPatch, _feature_key
+from softpatch.model import Embeddings, SoftPatch
 from tests.conftest import SyntheticSet
 
 
@@ -114,7 +114,7 @@ def test_lof_scores_equal_sklearn_even_beyond_the_neighbour_cache(small_config: 
     # 40 images, lof_k 35 > NEIGHBOUR_CACHE_K (32): the cache must grow, not truncate.
     rng = np.random.default_rng(0)
     features = torch.from_numpy(rng.normal(size=(40, 64, 96)).astype(np.float32))
-    embeddings = Embeddings(features, [f"i{i}" for i in range(40)], [(80, 80)] * 40, _feature_key(small_config))
+    embeddings = Embeddings(features, [f"i{i}" for i in range(40)], [(80, 80)] * 40, small_config.feature_key())
     model = SoftPatch(small_config.replace(lof_k=35), extractor=extractor).fit_embeddings(embeddings)
     scores = model.outlier_scores_.reshape(40, -1)
     for position in (0, 50):
@@ -383,7 +383,7 @@ def test_defective_test_images_score_higher_and_maps_point_at_the_defect(
 def test_embeddings_from_other_feature_settings_are_refused(
     small_config: SoftPatchConfig, fitted: SoftPatch, eval_embeddings
 ) -> None:
-    foreign_key = _feature_key(small_config.replace(crop=56))
+    foreign_key = small_config.replace(crop=56).feature_key()
     assert foreign_key != eval_embeddings.feature_key
     foreign = Embeddings(eval_embeddings.features, eval_embeddings.names, eval_embeddings.sizes, foreign_key)
     with pytest.raises(SoftPatchError, match="other feature settings"):
@@ -391,7 +391,7 @@ def test_embeddings_from_other_feature_settings_are_refused(
     with pytest.raises(SoftPatchError, match="other feature settings"):
         SoftPatch(small_config, extractor=fitted._extractor).fit_embeddings(foreign)
     # settings that do not change features keep the key
-    assert _feature_key(small_config.replace(tau=0.4, discriminator="nearest")) == eval_embeddings.feature_key
+    assert small_config.replace(tau=0.4, discriminator="nearest").feature_key() == eval_embeddings.feature_key
 
 
 # ---------------------------------------------------------------- what the denoising achieves
