@@ -45,9 +45,7 @@ class Setting:
     """How one setting may be given: the single declaration that every entry point checks against."""
 
     help: str  # one line for the CLI's --help and the app's tooltips
-    kind: (
-        str  # a key of PARSERS and CHECKS: "int", "float", "bool", "choice", "text", "path", "ints", "names", "kwargs"
-    )
+    kind: str  # a key of PARSERS and CHECKS: "int", "float", "bool", "choice", "timm_name", "path", "ints", "names", "kwargs"
     role: str = "runtime"  # "feature": changing it needs a new fit; "retune": cached features suffice; "runtime"
     low: float | None = None  # smallest allowed number (or count, for "ints" and "names")
     high: float | None = None  # largest allowed number
@@ -133,7 +131,7 @@ class SoftPatchConfig:
     backbone: str = _setting(
         "wide_resnet50_2",
         help="timm model name (features_only), e.g. wide_resnet50_2",
-        kind="text",
+        kind="timm_name",
         role="feature",
         env=True,
     )
@@ -369,17 +367,13 @@ def _check_choice(name: str, setting: Setting, value: Any) -> str:
     return value
 
 
-def _check_text(name: str, setting: Setting, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if name == "backbone" and not _TIMM_NAME.match(value):
+def _check_timm_name(name: str, setting: Setting, value: Any) -> str:
+    if not isinstance(value, str) or not _TIMM_NAME.match(value):
         raise ConfigError(
-            f"backbone must be a plain timm model name such as 'wide_resnet50_2' (lower-case letters, digits, '_' "
-            f"and an optional '.tag'); got {value[:80]!r}. Hub and local-folder names are refused: they make timm "
+            f"{name} must be a plain timm model name such as 'wide_resnet50_2' (lower-case letters, digits, '_' "
+            f"and an optional '.tag'); got {str(value)[:80]!r}. Hub and local-folder names are refused: they make timm "
             "reach the network or the server's folders"
         )
-    if len(value) > _MAX_TEXT:
-        raise ConfigError(f"{name} is too long ({len(value)} characters)")
     return value
 
 
@@ -431,7 +425,7 @@ CHECKS: dict[str, Callable[[str, Setting, Any], Any]] = {
     "float": _check_float,
     "bool": _check_bool,
     "choice": _check_choice,
-    "text": _check_text,
+    "timm_name": _check_timm_name,
     "path": _check_path,
     "ints": _check_ints,
     "names": _check_names,
@@ -497,7 +491,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "float": _parse_float,
     "bool": _parse_bool,
     "choice": lambda text: text.strip(),
-    "text": lambda text: text.strip(),
+    "timm_name": lambda text: text.strip(),
     "path": lambda text: os.path.expanduser(text.strip()),
     "ints": lambda text: [_parse_int(part) for part in _parse_list(text)],
     "names": _parse_list,
