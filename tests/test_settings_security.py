@@ -30,7 +30,8 @@ from softpatch_app.settings import (
     read_environment,
     settings_from_widgets,
 )
-from tests.conftest import SyntheticSet
+from tests.apptest_helpers import session
+from tests.conftest import MOBILENET_KWARGS, SyntheticSet
 
 SMALL = ["--backbone", "resnet18", "--no-pretrained", "--resize", "72", "--crop", "64", "--device", "cpu"]
 
@@ -205,7 +206,8 @@ def test_the_denoise_page_refuses_hostile_kwargs_without_calling_timm(timm_calls
     fit = next(b for b in at.button if b.label.startswith("Fit"))
     fit.click().run()
     assert not at.exception
-    assert timm_calls, "the fit ran, with the previous (safe) kwargs"
+    model = session(at).model
+    assert model is not None and model.config.backbone_kwargs == MOBILENET_KWARGS, "fitted with the previous kwargs"
     assert all("pretrained_cfg_overlay" not in kwargs for _, kwargs, _ in timm_calls)
 
 
