@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +197,13 @@ def test_truncated_images(fmt: str) -> None:
     assert _reason(excinfo) == "truncated or corrupt image data"
 
 
-def test_decompression_bomb_is_refused_from_the_header() -> None:
-    start = time.perf_counter()
+def test_decompression_bomb_is_refused_from_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[object] = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
     with pytest.raises(ImageLoadError) as excinfo:
         load_image(bomb_png(30000, 30000))
-    assert time.perf_counter() - start < 5
+    assert decoded == [], "the pixels were never decoded"
     assert _reason(excinfo) == (
         "image is 30000x30000 = 900,000,000 pixels, over the limit of 50,000,000 (LoadLimits.max_image_pixels)"
     )
@@ -374,16 +375,6 @@ def test_map_to_original_inverts_the_geometry() -> None:
     assert np.abs(back[:, inner] - ramp[:, inner]).max() < 4.0
     # Outside the crop, edge replication: the left border repeats the first cropped column.
     assert np.allclose(back[:, 0], back[:, 0].mean(), atol=1e-3)
-
-
-def test_transform_is_fast() -> None:
-    t = ImageTransform(256, 224)
-    image = noise_image(640, 480)
-    t(image)
-    start = time.perf_counter()
-    for _ in range(20):
-        t(image)
-    assert (time.perf_counter() - start) / 20 < 0.05
 
 
 def test_decoding_via_streams_is_not_accepted_silently() -> None:
