@@ -18,15 +18,11 @@ REMOVED_COLOUR = (255, 40, 40)
 OUTLINE_COLOUR = (255, 255, 0)
 
 
-def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Map a 2-D float array to RGB uint8 with the core's heatmap palette (same colours as the CLI's heatmaps)."""
-    return colourize(np.asarray(values, dtype=np.float32), float(vmin), float(vmax))
-
-
 def overlay_heatmap(image: Image.Image, amap: np.ndarray, *, alpha: float, vmin: float, vmax: float) -> Image.Image:
     """Blend a heatmap (same size as ``image``, h x w) over the image; alpha 0 = image only, 1 = heatmap only."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    heat = colorize(amap, vmin, vmax).astype(np.float32)
+    # The core's palette, so that the app, the CLI's heatmaps and the report show the same colours.
+    heat = colourize(np.asarray(amap, dtype=np.float32), float(vmin), float(vmax)).astype(np.float32)
     if heat.shape[:2] != base.shape[:2]:
         heat = np.asarray(Image.fromarray(heat.astype(np.uint8)).resize(image.size, Image.BILINEAR), np.float32)
     out = base * (1 - alpha) + heat * alpha
@@ -166,8 +162,3 @@ def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
         image.save(buf, format="PNG")
         mime = "image/png"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def colorbar(vmin: float, vmax: float, width: int = 256, height: int = 14) -> Image.Image:
-    ramp = np.tile(np.linspace(0, 1, width)[None, :], (height, 1))
-    return Image.fromarray(colorize(ramp, 0, 1))

@@ -63,14 +63,6 @@ def outlier_histogram(scores: np.ndarray, removed: np.ndarray, *, tau: float, bi
     return _layout(fig)
 
 
-def suspicion_bar(names: Sequence[str], suspicion: np.ndarray, flagged: Sequence[bool] | None = None) -> go.Figure:
-    colours = [REMOVED_COLOUR if f else KEPT_COLOUR for f in (flagged or [False] * len(names))]
-    fig = go.Figure(go.Bar(x=list(names), y=np.asarray(suspicion), marker_color=colours))
-    fig.update_xaxes(title="training image (most suspicious first)", showticklabels=len(names) <= 40)
-    fig.update_yaxes(title="suspicion")
-    return _layout(fig, height=260)
-
-
 def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> go.Figure:
     """ROC curves: name -> (fpr, tpr, auroc)."""
     fig = go.Figure()

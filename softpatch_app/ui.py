@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import streamlit as st
-from PIL import Image
 
 from softpatch.device import describe_device, resolve_device
 from softpatch_app.guard import message_for
-from softpatch_app.settings import WEIGHT_MODE_LABELS
 from softpatch_app.state import SessionData
 
 PAGES = {
@@ -99,18 +95,3 @@ def need_model(session: SessionData) -> bool:
         st.page_link(PAGES["denoise"], label="Go to Denoise", icon=":material/arrow_forward:")
         return False
     return True
-
-
-def image_grid(images: Sequence[Image.Image | bytes], captions: Sequence[str], *, columns: int = 6) -> None:
-    """Images in rows of ``columns``, each with a caption."""
-    for start in range(0, len(images), columns):
-        cols = st.columns(columns)
-        for col, image, caption in zip(
-            cols, images[start : start + columns], captions[start : start + columns], strict=False
-        ):
-            with col:
-                st.image(image, caption=caption, width="stretch")
-
-
-def weights_mode_label(mode: str) -> str:
-    return WEIGHT_MODE_LABELS.get(mode, mode)
