@@ -166,6 +166,22 @@ class NeighbourCache:
         return self.dist.shape[-1]
 
 
+def clamp_lof_k(lof_k: int, n_images: int) -> int:
+    """LOF-k as used on ``n_images``: at most N-1 (there are only N-1 other images), at least 1."""
+    return max(1, min(lof_k, n_images - 1))
+
+
+def neighbour_cache_k(lof_k: int, n_images: int) -> int:
+    """Neighbours the per-position cache keeps: NEIGHBOUR_CACHE_K, so that LOF-k can move without a new
+    search, or more for a larger LOF-k; at most N-1."""
+    return clamp_lof_k(max(NEIGHBOUR_CACHE_K, lof_k), n_images)
+
+
+def denoises(discriminator: str, n_images: int) -> bool:
+    """Whether ``discriminator`` removes anything on ``n_images`` (patches are compared across >= 2 images)."""
+    return DISCRIMINATORS[discriminator].denoises and n_images >= 2
+
+
 def effective_lof_k(lof_k: int, n_images: int) -> int:
     """LOF-k clamped to N-1 (there are only N-1 other images), with a warning when clamped."""
     if n_images < 2:

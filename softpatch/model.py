@@ -23,12 +23,14 @@ from softpatch.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.device import default_batch_size, resolve_device
 from softpatch.discriminators import (
     DISCRIMINATORS,
-    NEIGHBOUR_CACHE_K,
     DiscriminatorParams,
     NeighbourCache,
+    clamp_lof_k,
     compute_neighbours,
+    denoises,
     effective_lof_k,
     needs_features,
+    neighbour_cache_k,
     score_patches,
 )
 from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
@@ -268,7 +270,7 @@ class SoftPatch:
         members = config.fusion if config.discriminator == "fusion" else (config.discriminator,)
         key: tuple = (config.discriminator,)
         if "lof" in members:
-            key += ("k", min(config.lof_k, max(1, len(self._state.names) - 1)))
+            key += ("k", clamp_lof_k(config.lof_k, len(self._state.names)))
         if "gaussian" in members:
             key += ("reg", config.gaussian_reg)
         if config.discriminator == "fusion":
@@ -285,33 +287,27 @@ class SoftPatch:
         if key in state.scores:
             return state.scores[key]
         n, p = len(state.names), self.grid_shape_[0] * self.grid_shape_[1]
-        if n < 2 or not DISCRIMINATORS[self.config.discriminator].denoises:
-            if n < 2 and DISCRIMINATORS[self.config.discriminator].denoises:
+        if not denoises(self.config.discriminator, n):
+            if DISCRIMINATORS[self.config.discriminator].denoises:
                 warnings.warn("denoising needs at least 2 training images: no patch is removed", stacklevel=2)
             state.scores[key] = torch.ones(n, p)
             return state.scores[key]
         params = self._params()
-        budget = work_budget(self.device_)
-        if state.neighbours is None or state.neighbours.k < min(params.lof_k, n - 1):
-            k = min(max(NEIGHBOUR_CACHE_K, params.lof_k), n - 1)
-            state.neighbours = compute_neighbours(
-                state.features, k, device=self.device_, budget_bytes=budget, progress=progress
-            )
         features = state.features if needs_features(self.config.discriminator, params) else None
         state.scores[key] = score_patches(
             self.config.discriminator,
             params,
-            state.neighbours,
+            self._neighbours(progress),
             features,
             device=self.device_,
-            budget_bytes=budget,
+            budget_bytes=work_budget(self.device_),
             progress=progress,
         )
         return state.scores[key]
 
     def _removed_flat(self) -> np.ndarray:
         scores = self._ensure_scores(None).numpy()
-        if not DISCRIMINATORS[self.config.discriminator].denoises or scores.shape[0] < 2:
+        if not denoises(self.config.discriminator, scores.shape[0]):
             return np.zeros(scores.shape, dtype=bool)
         return select_removed(scores, self.config.tau, self.config.tau_scope)
 
@@ -369,8 +365,7 @@ class SoftPatch:
             chosen = kept[local]
             state.coresets[selection_key] = chosen
         flat = state.features.reshape(-1, state.features.shape[-1])
-        denoises = DISCRIMINATORS[c.discriminator].denoises and len(state.names) >= 2
-        if c.soft_weight and denoises:
+        if c.soft_weight and denoises(c.discriminator, len(state.names)):
             weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
         else:
             weights = torch.ones(chosen.size)
@@ -473,14 +468,14 @@ class SoftPatch:
     def backbone_info_(self) -> BackboneInfo:
         return backbone_info(self._get_extractor().backbone, self.config)
 
-    def _neighbours(self) -> NeighbourCache | None:
+    def _neighbours(self, progress: ProgressCallback | None = None) -> NeighbourCache | None:
         """The per-position k-NN cache, computed on first need (None with fewer than 2 images)."""
         state = self._check_fitted()
         n = len(state.names)
-        k = min(max(NEIGHBOUR_CACHE_K, self.config.lof_k), n - 1)
+        k = neighbour_cache_k(self.config.lof_k, n)
         if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
             state.neighbours = compute_neighbours(
-                state.features, k, device=self.device_, budget_bytes=work_budget(self.device_)
+                state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
             )
         return state.neighbours
 

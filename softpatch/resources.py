@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from softpatch.config import SoftPatchConfig
-from softpatch.discriminators import NEIGHBOUR_CACHE_K
+from softpatch.discriminators import neighbour_cache_k
 
 # Share of free memory one chunk of discriminator work may use.
 _CHUNK_SHARE = 0.15
@@ -47,7 +47,7 @@ def estimate_fit_memory(
 ) -> MemoryEstimate:
     """Peak host memory of a fit on ``n_images``; ``with_memory_bank=False`` for vetting only (no coreset)."""
     patches = n_images * grid[0] * grid[1]
-    k = min(max(NEIGHBOUR_CACHE_K, config.lof_k), max(1, n_images - 1))
+    k = neighbour_cache_k(config.lof_k, n_images)
     return MemoryEstimate(
         n_images=n_images,
         features_bytes=patches * config.feature_dim * 4,
