@@ -12,7 +12,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SoftPatchError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+        raise SoftPatchError("device 'cuda' was requested but no CUDA GPU is available; choose the device cpu or auto")
     if name not in ("cpu", "cuda"):
         raise SoftPatchError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)

@@ -85,7 +85,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], backbone: str, 
     if coverage < _MIN_WEIGHTS_COVERAGE:
         raise WeightsError(
             f"weights file {path.name} does not fit backbone {backbone!r}: only {len(matched)} of {len(target)} "
-            "tensors match by name and shape; check --backbone and --backbone-kwargs"
+            "tensors match by name and shape; check the backbone name and its extra settings (backbone_kwargs)"
         )
     model.load_state_dict(matched, strict=False)
 
@@ -160,8 +160,8 @@ def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
         if config.weights_source == "pretrained":
             raise WeightsError(
                 f"pretrained weights for {config.backbone!r} could not be downloaded (no network?) and are not in "
-                "the local cache. Point to a local weights file (--weights FILE, or SOFTPATCH_WEIGHTS=FILE in the "
-                "app), or choose random weights explicitly (--no-pretrained) to try the workflow only."
+                "the local cache. Point to a local weights file (the weights setting: --weights FILE on the command "
+                "line, SOFTPATCH_WEIGHTS=FILE for the app), or choose random weights explicitly to try the workflow only."
             ) from None
         raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
 
