@@ -382,9 +382,7 @@ def _check_mask(path: Path, limits: LoadLimits) -> str | None:
     return None
 
 
-def load_mvtec(
-    root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None
-) -> Dataset:
+def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None) -> Dataset:
     """A category in MVTec AD layout: ``train/good/``, ``test/<defect>/``, ``ground_truth/<defect>/``.
 
     Train records are label 0. Test records are label 0 in ``test/good`` and label 1 (``defect`` = the
