@@ -36,8 +36,13 @@ def safe_cell(value: object) -> object:
 
 def write_csv(out: IO[str], rows: Iterable[Mapping[str, object]], fields: Sequence[str]) -> None:
     """Write a header of ``fields`` and one line per row (missing keys: empty cells) to ``out``, every cell
-    through ``safe_cell``. ``out`` should be opened with ``newline=""`` (files) or be a ``StringIO``."""
-    writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\n")
+    through ``safe_cell``. ``out`` should be opened with ``newline=""`` (files) or be a ``StringIO``.
+
+    Lines end in ``\r\n`` (RFC 4180): the csv module then quotes every cell holding a ``\r`` or a ``\n``.
+    With a bare ``\n`` terminator a name holding ``\r`` stays unquoted, and a spreadsheet would start a new
+    row there, whose first cell (``=1+1``) escaped the prefix check.
+    """
+    writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\r\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: safe_cell(row.get(k, "")) for k in fields})
