@@ -111,10 +111,15 @@ class Workspace:
         if not parts or ".." in parts or Path(str(name)).is_absolute():
             raise DataError(f"invalid workspace folder name {name!r}")
         path = self._path.joinpath(*parts)
+
+        def check() -> None:
+            # A folder already in the workspace could be a symlink pointing elsewhere; the workspace is no subdir.
+            if not is_within(path, self._path) or is_within(self._path, path):
+                raise DataError(f"invalid workspace folder name {name!r}")
+
+        check()  # before anything is created: the part that does not exist yet resolves below any link
         path.mkdir(parents=True, exist_ok=True)
-        # A folder already in the workspace could be a symlink pointing elsewhere; the workspace itself is no subdir.
-        if not is_within(path, self._path) or is_within(self._path, path):
-            raise DataError(f"invalid workspace folder name {name!r}")
+        check()  # and after, in case a link appeared meanwhile
         self.touch()
         return path
 

@@ -433,3 +433,11 @@ def test_app_add_training_images_refuses_a_symlink_out_of_a_root(
     assert len(train) == n + 1 and train.records[-1].name == "added/srv/suspect.png"
     assert [(s.path, s.reason) for s in train.skipped if "evil" in s.path] == [("added/srv/evil.png", OUTSIDE_REASON)]
     assert os.path.realpath(outside / "secret.png") not in {os.path.realpath(r.path) for r in train.records}
+
+
+def test_a_workspace_subfolder_symlinked_out_is_refused(tmp_path: Path, outside: Path) -> None:
+    ws = Workspace.create(tmp_path / "work")
+    (ws.path / "uploads").symlink_to(outside)
+    assert "invalid workspace folder name" in refusal(ws.subdir, "uploads/train-1")
+    assert not (outside / "train-1").exists(), "nothing was created outside the workspace"
+    assert ws.subdir("exports").parent == ws.path
