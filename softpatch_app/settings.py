@@ -13,7 +13,8 @@ Environment variables (all optional; documented in the README):
 - ``SOFTPATCH_MAX_UPLOAD_MB``, ``SOFTPATCH_MAX_FILES``, ``SOFTPATCH_MAX_IMAGE_MPIX``, ``SOFTPATCH_MAX_ZIP_MB``
                                  input limits (see ``softpatch.limits.LoadLimits``)
 - ``SOFTPATCH_SERVER_ROOTS``     if set (paths separated by ``os.pathsep``), server-side folder paths must lie
-                                 under one of these folders
+                                 under one of these folders; unset: see ``softpatch_app.server_paths`` (default
+                                 folders on localhost, none on a network address)
 """
 
 from __future__ import annotations
