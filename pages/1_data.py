@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -234,7 +235,7 @@ def _read_extra(files, paths_text: str) -> ImageFolder:
         try:
             # Checked (resolved, inside the allowed folders) before anything about the path is looked at.
             path = paths.check(typed)
-            if path.is_dir():
+            if os.path.isdir(path):  # never raises (a name too long for the system is simply no folder)
                 root = paths.folder(typed)
                 folder = scan_images(root, limits=env.limits, scope=paths.scope)
                 records.extend(ImageRecord(r.path, relpath=f"{root.name}/{r.relpath}") for r in folder.records)

@@ -110,8 +110,12 @@ class ServerPaths:
         if not self.enabled:
             raise DataError(self.off_reason)
         if "\x00" in text:
-            raise DataError(f"{text!r} is not a valid path")
-        path = resolve_path(text)
+            raise DataError(f"{_shown(text)} is not a valid path")
+        try:
+            path = resolve_path(text)
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise DataError(f"{_shown(text)} is not a usable path ({exc.strerror or exc})") from None
+        text = _shown(text)
         if is_within(path, self.workdir):
             raise DataError(
                 f"{text} is inside the app's work folder, which holds the sessions' uploads; it cannot be opened "
@@ -129,18 +133,34 @@ class ServerPaths:
     def folder(self, raw: str) -> Path:
         """A typed folder path, checked: allowed (``check``), exists, is a folder. Returns the resolved path."""
         path = self.check(raw)
-        if not path.exists():
-            raise DataError(f"folder not found on the server: {raw.strip()}")
-        if not path.is_dir():
-            raise DataError(f"{raw.strip()} is a file, not a folder; give the folder that contains the images")
+        shown = _shown(raw.strip())
+        if not _exists(path, os.path.exists):
+            raise DataError(f"folder not found on the server: {shown}")
+        if not _exists(path, os.path.isdir):
+            raise DataError(f"{shown} is a file, not a folder; give the folder that contains the images")
         return path
 
     def file(self, raw: str) -> Path:
         """A typed file path, checked: allowed (``check``, so a symlink out of a root is refused), a regular file."""
         path = self.check(raw)
-        if not path.is_file():
-            raise DataError(f"file not found on the server: {raw.strip()}")
+        if not _exists(path, os.path.isfile):
+            raise DataError(f"file not found on the server: {_shown(raw.strip())}")
         return path
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """A typed path for a message: as typed, control characters as "?", shortened when very long (a message
+    stays one readable line)."""
+    text = "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _exists(path: Path, test) -> bool:
+    """``test(path)`` (os.path.exists/isdir/isfile), False where the system refuses the name (too long, ...)."""
+    try:
+        return bool(test(path))
+    except (OSError, ValueError):
+        return False
 
 
 def _off_reason(address: str | None) -> str:

@@ -130,6 +130,21 @@ def test_hidden_folders_below_a_root_are_refused(tmp_path: Path) -> None:
     assert "hidden or system" in refusal(policy.file, str(tmp_path / "srv" / ".ssh" / "id.png"))
 
 
+def test_hostile_typed_paths_are_one_line_messages(tmp_path: Path) -> None:
+    policy = server_path_policy((tmp_path,), tmp_path / "work", "0.0.0.0")
+    cases = {
+        "": "type the path",
+        "  '' ": "type the path",
+        f"{tmp_path}/x\x00y": "is not a valid path",
+        f"{tmp_path}/" + "a" * 5000: "not found on the server",
+        f"{tmp_path}/" + "a/" * 3000: "not found on the server",
+    }
+    for raw, expected in cases.items():
+        for call in (policy.folder, policy.file):
+            message = refusal(call, raw)
+            assert expected in message and "\n" not in message and "\x00" not in message and len(message) < 400
+
+
 # ----------------------------------------------------------------------------------------------- the work folder
 
 
