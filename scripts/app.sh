@@ -12,4 +12,4 @@ done
 if [ -n "${STREAMLIT_SERVER_ADDRESS:-}" ]; then
   address=()  # Streamlit's own environment variable for the same option
 fi
-exec python -m streamlit run app.py "${address[@]}" "$@"
+exec python -m streamlit run app.py ${address[@]+"${address[@]}"} "$@"  # (the +-form: empty arrays under set -u in old bash)
