@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -10,12 +11,13 @@ import pandas as pd
 import streamlit as st
 
 from softpatch.data import ImageFolder, ImageRecord, SkippedFile, scan_images
-from softpatch.errors import DataError
+from softpatch.errors import DataError, SoftPatchError
 from softpatch.images import load_image
+from softpatch.paths import ReadScope, is_within
 from softpatch_app import loading
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors
-from softpatch_app.state import SessionData, environment, get_session
+from softpatch_app.state import SessionData, environment, get_session, server_paths
 from softpatch_app.ui import PAGES, show_notices
 
 METHODS = {
@@ -33,6 +35,7 @@ METHOD_HELP = (
 
 session: SessionData = get_session()
 env = environment()
+paths = server_paths(env)
 
 st.title("Data")
 show_notices(session)
@@ -51,9 +54,8 @@ def _remove_old(path: Path | None) -> None:
     """Delete an earlier upload folder of this session (only inside its own workspace)."""
     if path is None:
         return
-    ws = session.workspace.path.resolve()
-    path = path.resolve()
-    if ws in path.parents and path.exists():
+    ws = session.workspace.path
+    if is_within(path, ws) and not is_within(ws, path) and path.exists():
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -68,11 +70,11 @@ def _read(kind: str, method: str, slot_key: str):
             return result.test, None
         return result, None
     if method == "server folder":
-        root = loading.check_server_path(st.session_state.get(f"{slot_key}_path", ""), env.server_roots)
+        root = paths.folder(st.session_state.get(f"{slot_key}_path", ""))
         label = f"{root} (server folder)"
         if kind == "test":
-            return loading.read_test_folder(root, limits=limits, source=method, label=label), None
-        return loading.read_training_folder(root, limits=limits, source=method, label=label), None
+            return loading.read_test_folder(root, limits=limits, source=method, label=label, scope=paths.scope), None
+        return loading.read_training_folder(root, limits=limits, source=method, label=label, scope=paths.scope), None
     slot = _upload_slot(kind)
     if method == "browser folder":
         files = st.session_state.get(f"{slot_key}_dir") or []
@@ -83,11 +85,12 @@ def _read(kind: str, method: str, slot_key: str):
         root, upload_skipped = loading.save_zip(uploaded, session.workspace, slot, limits)
         label = f"{uploaded.name} (uploaded zip)"
     upload_dir = session.workspace.path / slot
+    own = ReadScope.of([session.workspace.path])  # an upload is read from this session's folder only
     try:
         if kind == "test":
-            split = loading.read_test_folder(root, limits=limits, source=method, label=label)
+            split = loading.read_test_folder(root, limits=limits, source=method, label=label, scope=own)
             return loading.with_upload_skips(split, upload_skipped), upload_dir
-        result = loading.read_training_folder(root, limits=limits, source=method, label=label)
+        result = loading.read_training_folder(root, limits=limits, source=method, label=label, scope=own)
         loading.with_upload_skips(result.train, upload_skipped)
         return result, upload_dir
     except Exception:
@@ -127,6 +130,9 @@ def loader(kind: str) -> None:
             help="The archive is unpacked safely on the server (unsafe or oversized entries are refused).",
         )
         ready = up is not None
+    elif not paths.enabled:
+        st.info(paths.off_reason, icon=":material/lock:")
+        ready = False
     else:
         st.text_input(
             "Folder path on the server",
@@ -135,6 +141,7 @@ def loader(kind: str) -> None:
             help="A folder on the machine running this app. An MVTec-style folder (with train/good, test/ and "
             "ground_truth/) loads its training and test images together.",
         )
+        st.caption(f"Allowed folders: {paths.describe()}. The app's work folder and hidden folders are never read.")
         ready = bool(st.session_state.get(f"{slot_key}_path", "").strip())
     label = "Load the demo data" if method == "demo" else f"Load this {what}"
     if st.button(
@@ -181,9 +188,13 @@ def add_images() -> None:
         "…or paths on the server (one image file or folder per line)",
         key="add_paths",
         height=80,
-        help="Files or folders on the machine running this app.",
+        disabled=not paths.enabled,
+        help="Files or folders on the machine running this app"
+        + (f", inside {paths.describe()}." if paths.enabled else "."),
     )
-    paths_text = st.session_state.get("add_paths", "")
+    if not paths.enabled:
+        st.caption(paths.off_reason)
+    paths_text = st.session_state.get("add_paths", "") if paths.enabled else ""
     ready = bool(files) or bool(paths_text.strip())
     if st.button(
         "Add to the training set",
@@ -194,7 +205,8 @@ def add_images() -> None:
         with user_errors("add the images"):
             extra = _read_extra(files, paths_text)
             if not len(extra):
-                raise DataError("none of the given files is a readable image")
+                reasons = "; ".join(f"{s.path}: {s.reason}" for s in extra.skipped[:3])
+                raise DataError("none of the given files is a readable image" + (f" ({reasons})" if reasons else ""))
             new_train = loading.add_training_images(session.train, extra)
             result = loading.LoadResult(name=session.dataset_name, train=new_train, demo=session.demo)
             test, with_train = session.test, session.test_with_train
@@ -211,28 +223,29 @@ def _read_extra(files, paths_text: str) -> ImageFolder:
         root, up_skipped = loading.save_browser_files(files, session.workspace, _upload_slot("added"), env.limits)
         skipped.extend(up_skipped)
         try:
-            folder = scan_images(root, limits=env.limits)
+            folder = scan_images(root, limits=env.limits, scope=ReadScope.of([session.workspace.path]))
             records.extend(folder.records)
             skipped.extend(folder.skipped)
         except DataError as exc:
             skipped.append(SkippedFile("uploaded files", str(exc)))
     for line in paths_text.splitlines():
-        if not line.strip():
+        typed = line.strip()
+        if not typed:
             continue
-        path = Path(line.strip()).expanduser()
-        if path.is_dir():
-            root = loading.check_server_path(str(path), env.server_roots)
-            folder = scan_images(root, limits=env.limits)
-            records.extend(ImageRecord(r.path, relpath=f"{root.name}/{r.relpath}") for r in folder.records)
-            skipped.extend(folder.skipped)
-        else:
-            try:
-                if env.server_roots:
-                    loading.check_server_path(str(path.parent), env.server_roots)
+        try:
+            # Checked (resolved, inside the allowed folders) before anything about the path is looked at.
+            path = paths.check(typed)
+            if os.path.isdir(path):  # never raises (a name too long for the system is simply no folder)
+                root = paths.folder(typed)
+                folder = scan_images(root, limits=env.limits, scope=paths.scope)
+                records.extend(ImageRecord(r.path, relpath=f"{root.name}/{r.relpath}") for r in folder.records)
+                skipped.extend(SkippedFile(f"{root.name}/{s.path}", s.reason) for s in folder.skipped)
+            else:
+                path = paths.file(typed)
                 load_image(path, env.limits)
-                records.append(ImageRecord(path.resolve(), relpath=path.name))
-            except Exception as exc:  # noqa: BLE001 - each bad line is listed, the other lines still load
-                skipped.append(SkippedFile(str(path), str(exc)))
+                records.append(ImageRecord(path, relpath=path.name))
+        except SoftPatchError as exc:  # each bad line is listed, the other lines still load
+            skipped.append(SkippedFile(typed, str(exc)))
     return ImageFolder(Path("."), records, skipped)
 
 

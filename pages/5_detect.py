@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from softpatch.data import scan_images
+from softpatch.paths import ReadScope
 from softpatch_app import loading, plots, services
 from softpatch_app.cache import load_rgb, mask_for
 from softpatch_app.guard import user_errors
@@ -67,7 +68,7 @@ else:
         else:
             with user_errors("read the uploaded images"):
                 root, skipped = loading.save_browser_files(files, session.workspace, session.slot("detect"), env.limits)
-                folder = scan_images(root, limits=env.limits)
+                folder = scan_images(root, limits=env.limits, scope=ReadScope.of([session.workspace.path]))
                 split = loading.with_upload_skips(loading.LoadedSplit(folder, "upload", "uploaded images"), skipped)
                 st.session_state["_dt_upload"] = (token, split)
         if split is not None and split.skipped:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -203,6 +202,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_vet(args: argparse.Namespace) -> int:
+    from softpatch.csvsafe import write_csv
     from softpatch.model import SoftPatch
 
     records = _training_images(args.train_dir)
@@ -211,9 +211,7 @@ def _cmd_vet(args: argparse.Namespace) -> int:
     rows = model.vetting_report().rows()
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["rank", "path", "suspicion", "removed_fraction"])
-            writer.writeheader()
-            writer.writerows(rows)
+            write_csv(fh, rows, ["rank", "path", "suspicion", "removed_fraction"])
     for row in rows:
         print(f"{row['rank']:4d}  {row['suspicion']:8.3f}  {row['removed_fraction'] * 100:5.1f}%  {row['path']}")
     return 0

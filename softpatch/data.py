@@ -19,6 +19,7 @@ import numpy as np
 from softpatch.errors import DataError, ImageLoadError
 from softpatch.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
 from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.paths import ReadScope, is_within
 
 __all__ = [
     "Dataset",
@@ -41,6 +42,7 @@ HIDDEN_REASON = "hidden or system file"
 HIDDEN_FOLDER_REASON = "hidden or system folder"
 NOT_IMAGE_REASON = "not an image file type"
 OUTSIDE_REASON = "symlink points outside the folder"
+EXCLUDED_REASON = "excluded folder (not readable through this path)"
 GOOD = "good"
 
 
@@ -155,17 +157,26 @@ def _check_root(root: str | os.PathLike) -> Path:
     return path.absolute()
 
 
-def _inside(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+def _out_of_scope(path: str | os.PathLike, scope: ReadScope | None) -> DataError | None:
+    """The refusal for a folder outside ``scope``, else None. Names only the path as given, never its target."""
+    if scope is None or scope.allows(path):
+        return None
+    return DataError(f"{path} is outside the folders that may be read here")
 
 
-def _walk(root: Path, skipped: list[SkippedFile]) -> list[_Candidate]:
+def _walk(root: Path, skipped: list[SkippedFile], scope: ReadScope | None = None) -> list[_Candidate]:
     """Candidate image files under ``root`` (recursive); everything else goes to ``skipped``.
 
-    Symlinks are followed only while they stay inside ``root``. Real folders are walked first and
-    symlinked folders afterwards, each real folder once, so a link never shadows its target and
-    symlink loops end.
+    Symlinks are followed only while they stay inside ``root`` (their target is never named in the
+    reason). Folders inside ``scope.excluded`` are skipped. Real folders are walked first and symlinked
+    folders afterwards, each real folder once, so a link never shadows its target and symlink loops end.
+    A plain (non-link) entry of a folder that resolved inside ``root`` is inside it too, so only links and
+    folders need resolving.
     """
+    refusal = _out_of_scope(root, scope)
+    if refusal is not None:
+        raise refusal
+    excluded = scope is not None and bool(scope.excluded)
     root_real = os.path.realpath(root)
     visited = {root_real}
     candidates: list[_Candidate] = []
@@ -206,8 +217,10 @@ def _walk(root: Path, skipped: list[SkippedFile]) -> list[_Candidate]:
                 skipped.append(SkippedFile(shown, HIDDEN_FOLDER_REASON if is_dir else HIDDEN_REASON))
                 continue
             real = os.path.realpath(entry.path) if is_link else ""
-            if is_link and not _inside(real, root_real):
+            if is_link and not is_within(real, root_real):
                 skipped.append(SkippedFile(shown, OUTSIDE_REASON))
+            elif excluded and (is_link or is_dir) and scope.is_excluded(real or entry.path):
+                skipped.append(SkippedFile(shown, EXCLUDED_REASON))
             elif is_dir and is_link:
                 linked_folders.append((path, rel, real))
             elif is_dir:
@@ -261,12 +274,12 @@ def _decode_all(
 
 
 def _scan_folder(
-    folder: Path, limits: LoadLimits, *, prefix: PurePosixPath | None = None
+    folder: Path, limits: LoadLimits, *, prefix: PurePosixPath | None = None, scope: ReadScope | None = None
 ) -> tuple[list[ImageRecord], list[SkippedFile]]:
     """Decoded-and-usable records plus skipped files; relpaths get ``prefix`` prepended. Never empty-checks."""
     prefix = prefix or PurePosixPath()
     skipped: list[SkippedFile] = []
-    candidates = _walk(folder, skipped)
+    candidates = _walk(folder, skipped, scope)
     if len(candidates) > limits.max_files:
         reason = f"over the file limit (LoadLimits.max_files={limits.max_files})"
         skipped.extend(SkippedFile(str(c.rel), reason) for c in candidates[limits.max_files :])
@@ -302,16 +315,23 @@ def _no_images_error(root: Path, skipped: Sequence[SkippedFile]) -> DataError:
     return DataError(f"no readable images in {root}: {n} {noun} skipped ({summarize_skipped(skipped)})")
 
 
-def scan_images(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> ImageFolder:
+def scan_images(
+    root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None
+) -> ImageFolder:
     """All decodable images under ``root`` (recursive), sorted by relative path.
 
     Every candidate is decoded once; unreadable, hidden, non-image, outside-pointing-symlink and
-    over-the-limit files are listed in ``skipped`` with a reason. Files without an extension are tried
-    by content. Raises ``DataError`` when ``root`` is missing, a file, unreadable, or has no usable image.
+    over-the-limit files, and folders excluded by ``scope``, are listed in ``skipped`` with a reason.
+    Files without an extension are tried by content. Raises ``DataError`` when ``root`` is outside
+    ``scope`` (checked first, so nothing outside is even looked at), missing, a file, unreadable, or has
+    no usable image.
     """
     limits = limits or DEFAULT_LIMITS
+    refusal = _out_of_scope(root, scope)
+    if refusal is not None:
+        raise refusal
     folder = _check_root(root)
-    records, skipped = _scan_folder(folder, limits)
+    records, skipped = _scan_folder(folder, limits, scope=scope)
     if not records:
         raise _no_images_error(folder, skipped)
     return ImageFolder(root=folder, records=records, skipped=skipped)
@@ -320,14 +340,19 @@ def scan_images(root: str | os.PathLike, *, limits: LoadLimits | None = None) ->
 # ---------------------------------------------------------------- MVTec AD layout
 
 
-def mask_index(gt_folder: Path) -> dict[str, Path]:
+def mask_index(
+    gt_folder: Path, *, within: str | os.PathLike | None = None, scope: ReadScope | None = None
+) -> dict[str, Path]:
     """Mask files of one ground_truth/<defect>/ folder by relative "/" path (not decoded here; hidden files,
-    outside-pointing symlinks skipped). Empty when the folder does not exist."""
+    outside-pointing symlinks skipped). Empty when the folder does not exist, resolves outside ``within``
+    (e.g. a symlinked mask folder pointing out of the dataset) or outside ``scope``."""
     index: dict[str, Path] = {}
-    if not gt_folder.is_dir():
+    if within is not None and not is_within(gt_folder, within):
+        return index
+    if _out_of_scope(gt_folder, scope) is not None or not gt_folder.is_dir():
         return index
     ignored: list[SkippedFile] = []
-    for c in _walk(gt_folder, ignored):
+    for c in _walk(gt_folder, ignored, scope):
         index[str(c.rel)] = c.path
     return index
 
@@ -357,7 +382,7 @@ def _check_mask(path: Path, limits: LoadLimits) -> str | None:
     return None
 
 
-def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> Dataset:
+def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None) -> Dataset:
     """A category in MVTec AD layout: ``train/good/``, ``test/<defect>/``, ``ground_truth/<defect>/``.
 
     Train records are label 0. Test records are label 0 in ``test/good`` and label 1 (``defect`` = the
@@ -366,29 +391,43 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> 
     ``mask_path=None`` and pixel metrics leave it out. Good images have no mask (all zero). Masks with no
     test image are ignored; masks that do not decode are listed in ``test.skipped`` and not used.
     Record names are relative to ``root`` ("test/crack/000.png"). A missing ``test/`` gives an empty
-    test set. Raises ``DataError`` when ``train/good`` is missing or holds no usable image.
+    test set. Every part (``train/good``, ``test``, each defect folder, each mask folder) must resolve
+    inside ``root``: a symlinked part pointing out of it is refused or skipped, never read. Raises
+    ``DataError`` when ``root`` is outside ``scope``, ``train/good`` is missing, points outside ``root``
+    or holds no usable image.
     """
     limits = limits or DEFAULT_LIMITS
+    refusal = _out_of_scope(root, scope)
+    if refusal is not None:
+        raise refusal
     base = _check_root(root)
     train_dir = base / "train" / GOOD
     if not train_dir.is_dir():
         raise DataError(f"{base} is not in MVTec AD layout: the folder train/good/ is missing")
-    train_records, train_skipped = _scan_folder(_check_root(train_dir), limits, prefix=PurePosixPath("train/good"))
+    if not is_within(train_dir, base):
+        raise DataError(f"{base}: train/good/ is a symlink that points outside the folder; it is not read")
+    train_records, train_skipped = _scan_folder(
+        _check_root(train_dir), limits, prefix=PurePosixPath("train/good"), scope=scope
+    )
     if not train_records:
         raise _no_images_error(train_dir, train_skipped)
 
     test_dir = base / "test"
     test_records: list[ImageRecord] = []
     test_skipped: list[SkippedFile] = []
-    if test_dir.is_dir():
+    if test_dir.is_dir() and not is_within(test_dir, base):
+        test_skipped.append(SkippedFile("test/", OUTSIDE_REASON))
+    elif test_dir.is_dir():
         defect_dirs: list[Path] = []
         with os.scandir(test_dir) as it:
             for entry in sorted(it, key=lambda e: e.name):
                 rel = f"test/{entry.name}"
                 if is_hidden_name(entry.name):
                     test_skipped.append(SkippedFile(rel + ("/" if entry.is_dir() else ""), HIDDEN_REASON))
-                elif entry.is_symlink() and not _inside(os.path.realpath(entry.path), os.path.realpath(base)):
+                elif entry.is_symlink() and not is_within(entry.path, base):
                     test_skipped.append(SkippedFile(rel, OUTSIDE_REASON))
+                elif entry.is_dir() and scope is not None and scope.is_excluded(entry.path):
+                    test_skipped.append(SkippedFile(rel + "/", EXCLUDED_REASON))
                 elif entry.is_dir():
                     defect_dirs.append(Path(entry.path))
                 else:
@@ -396,10 +435,10 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None) -> 
         masks_to_check: list[tuple[int, Path]] = []
         for defect_dir in defect_dirs:
             defect = defect_dir.name
-            records, skipped = _scan_folder(defect_dir, limits, prefix=PurePosixPath("test", defect))
+            records, skipped = _scan_folder(defect_dir, limits, prefix=PurePosixPath("test", defect), scope=scope)
             test_skipped.extend(skipped)
             label = 0 if defect == GOOD else 1
-            masks = {} if label == 0 else mask_index(base / "ground_truth" / defect)
+            masks = {} if label == 0 else mask_index(base / "ground_truth" / defect, within=base, scope=scope)
             prefix_len = len(("test", defect))
             for record in records:
                 rel_in_defect = PurePosixPath(*PurePosixPath(record.relpath).parts[prefix_len:])

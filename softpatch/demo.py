@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from softpatch.paths import is_within
+
 DEMO_VERSION = 1
 MANIFEST_NAME = "demo_manifest.json"
 DEFECT_TYPES = ("scratch", "spot", "crack")
@@ -283,8 +285,11 @@ def generate_demo_dataset(dest: Path, *, seed: int = 0) -> Path:
 
 
 def load_demo_manifest(root: Path) -> DemoManifest | None:
-    """The manifest of a demo dataset at ``root``, or None if ``root`` is not one."""
+    """The manifest of a demo dataset at ``root``, or None if ``root`` is not one (or its manifest is a
+    symlink out of ``root``: it could point at another session's files)."""
     path = Path(root) / MANIFEST_NAME
+    if not is_within(path, root):
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         contaminants = tuple(Contaminant(str(c["file"]), str(c["defect"])) for c in data["contaminants"])

@@ -30,6 +30,7 @@ from typing import BinaryIO
 from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
 from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.paths import is_within
 
 __all__ = ["ARCHIVE_EXTENSIONS", "ExtractResult", "extract_zip", "safe_relative_parts", "single_folder_root"]
 
@@ -233,7 +234,6 @@ def _extract_members(
     zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, limits: LoadLimits
 ) -> ExtractResult:
     dest_abs = Path(os.path.abspath(dest))
-    dest_real = os.path.realpath(dest)
     extracted: list[Path] = []
     skipped: list[SkippedFile] = []
     budget = limits.max_zip_uncompressed_bytes
@@ -251,8 +251,7 @@ def _extract_members(
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # Belt and braces: a folder already in dest could be a symlink pointing elsewhere.
-            parent_real = os.path.realpath(target.parent)
-            if parent_real != dest_real and not parent_real.startswith(dest_real + os.sep):
+            if not is_within(target.parent, dest_abs):
                 reason = "unsafe path: would write outside the folder"
             else:
                 budget -= _write_member(zf, info, target, budget)

@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
 from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.paths import is_within
 from softpatch.safezip import ARCHIVE_EXTENSIONS, extract_zip, single_folder_root
 
 __all__ = ["sanitize_upload_name", "save_uploads"]
@@ -40,10 +41,6 @@ def _format_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def _inside(path: str, root_real: str) -> bool:
-    return path == root_real or path.startswith(root_real + os.sep)
-
-
 def save_uploads(
     files: Iterable[tuple[str, bytes]], dest: str | os.PathLike, *, limits: LoadLimits | None = None
 ) -> tuple[Path, list[SkippedFile]]:
@@ -59,7 +56,6 @@ def save_uploads(
     limits = limits or DEFAULT_LIMITS
     dest_abs = Path(os.path.abspath(dest))
     dest_abs.mkdir(parents=True, exist_ok=True)
-    dest_real = os.path.realpath(dest_abs)
     written: list[Path] = []
     skipped: list[SkippedFile] = []
     count = 0
@@ -97,8 +93,8 @@ def save_uploads(
             target = target.with_name(target.stem or "archive")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            parent_real = os.path.realpath(target.parent)
-            if not _inside(parent_real, dest_real):
+            # A folder already under dest could be a symlink pointing elsewhere.
+            if not is_within(target.parent, dest_abs):
                 skipped.append(SkippedFile(shown, "unsafe path: would write outside the folder"))
                 continue
             if os.path.lexists(target):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Self
 
 from softpatch.errors import DataError
+from softpatch.paths import is_within
 
 __all__ = ["ENV_WORK_DIR", "MARKER_NAME", "Workspace", "cleanup_stale", "default_base", "register_cleanup"]
 
@@ -110,11 +111,15 @@ class Workspace:
         if not parts or ".." in parts or Path(str(name)).is_absolute():
             raise DataError(f"invalid workspace folder name {name!r}")
         path = self._path.joinpath(*parts)
+
+        def check() -> None:
+            # A folder already in the workspace could be a symlink pointing elsewhere; the workspace is no subdir.
+            if not is_within(path, self._path) or is_within(self._path, path):
+                raise DataError(f"invalid workspace folder name {name!r}")
+
+        check()  # before anything is created: the part that does not exist yet resolves below any link
         path.mkdir(parents=True, exist_ok=True)
-        real_root = os.path.realpath(self._path)
-        real = os.path.realpath(path)
-        if not real.startswith(real_root + os.sep):
-            raise DataError(f"invalid workspace folder name {name!r}")
+        check()  # and after, in case a link appeared meanwhile
         self.touch()
         return path
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from softpatch.csvsafe import write_csv
 from softpatch.data import ImageRecord
 
 
 def _csv(rows: Sequence[dict], fields: Sequence[str]) -> str:
+    """The CSV text (cells that a spreadsheet would run as formulas are neutralised: ``softpatch.csvsafe``)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in fields})
+    write_csv(buf, rows, fields)
     return buf.getvalue()
 
 

@@ -2,16 +2,18 @@
 
 IO glue only: uploads go through ``softpatch.uploads.save_uploads`` (zips through
 ``softpatch.safezip.extract_zip``) into the session's own workspace folder; folders are read with
-``softpatch.data.scan_images`` / ``load_mvtec``. Every refusal is a ``DataError`` with a clear message.
+``softpatch.data.scan_images`` / ``load_mvtec`` within a ``ReadScope`` (the session's workspace for uploads,
+the server-path policy's roots minus the work folder for server folders: ``softpatch_app.server_paths``).
+Every refusal is a ``DataError`` with a clear message.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from softpatch.data import (
+    OUTSIDE_REASON,
     ImageFolder,
     ImageRecord,
     SkippedFile,
@@ -25,6 +27,7 @@ from softpatch.demo import DemoManifest, generate_demo_dataset, load_demo_manife
 from softpatch.errors import DataError
 from softpatch.images import IMAGE_EXTENSIONS
 from softpatch.limits import LoadLimits
+from softpatch.paths import ReadScope, is_within
 from softpatch.safezip import extract_zip
 from softpatch.uploads import save_uploads
 from softpatch.workspace import Workspace
@@ -85,11 +88,15 @@ def _dataset_name(root: Path) -> str:
     return root.name or str(root)
 
 
-def read_training_folder(root: Path, *, limits: LoadLimits, source: str, label: str) -> LoadResult:
-    """A training set from ``root``: an MVTec category (train/good + test) or any folder of images."""
+def read_training_folder(
+    root: Path, *, limits: LoadLimits, source: str, label: str, scope: ReadScope | None = None
+) -> LoadResult:
+    """A training set from ``root``: an MVTec category (train/good + test) or any folder of images.
+
+    Nothing outside ``scope`` is read (see ``softpatch.paths.ReadScope``)."""
     root = Path(root)
     if is_mvtec_root(root):
-        ds = load_mvtec(root, limits=limits)
+        ds = load_mvtec(root, limits=limits, scope=scope)
         result = LoadResult(name=ds.name)
         result.train = LoadedSplit(ds.train, source, f"{label} · train/good")
         if len(ds.test):
@@ -100,44 +107,63 @@ def read_training_folder(root: Path, *, limits: LoadLimits, source: str, label: 
             )
         result.demo = load_demo_manifest(root)
         return result
-    folder = scan_images(root, limits=limits)
+    folder = scan_images(root, limits=limits, scope=scope)
     return LoadResult(name=_dataset_name(root), train=LoadedSplit(folder, source, label))
 
 
-def read_test_folder(root: Path, *, limits: LoadLimits, source: str, label: str) -> LoadedSplit:
+def _mask_base(root: Path, test_dir: Path, scope: ReadScope | None) -> Path | None:
+    """The ``ground_truth`` folder of a test folder: inside it, or next to it when that is inside ``root`` or
+    ``scope`` (a test folder typed at the edge of the allowed folders never takes masks from outside them)."""
+    for candidate in (test_dir / "ground_truth", test_dir.parent / "ground_truth"):
+        allowed = is_within(candidate, root) or (scope is not None and scope.allows(candidate))
+        if allowed and candidate.is_dir():
+            return candidate
+    return None
+
+
+def read_test_folder(
+    root: Path, *, limits: LoadLimits, source: str, label: str, scope: ReadScope | None = None
+) -> LoadedSplit:
     """A test set from ``root``.
 
     Accepted layouts: an MVTec category (its ``test/`` and ``ground_truth/``); a folder with ``test/``;
     a folder of class subfolders (``good/`` = defect-free, any other name = defective) with masks in a
     ``ground_truth/<class>/`` folder inside it or next to it; or a flat folder of images (no labels).
+    Nothing outside ``scope`` is read; class and mask folders that are symlinks out of the test folder
+    are skipped (their target is not named).
     """
     root = Path(root)
     if is_mvtec_root(root):
-        ds = load_mvtec(root, limits=limits)
+        ds = load_mvtec(root, limits=limits, scope=scope)
         if not len(ds.test):
             raise DataError(f"{root} has no test/ images")
         return LoadedSplit(ds.test, source, label, labelled=True)
-    test_dir = root / "test" if (root / "test").is_dir() else root
-    gt_base = next((p for p in (test_dir / "ground_truth", test_dir.parent / "ground_truth") if p.is_dir()), None)
-    classes = sorted(
+    has_test = (root / "test").is_dir() and is_within(root / "test", root)
+    test_dir = root / "test" if has_test else root
+    if scope is not None and not scope.allows(test_dir):
+        raise DataError(f"{test_dir} is outside the folders that may be read here")
+    gt_base = _mask_base(root, test_dir, scope)
+    subfolders = [
         p for p in test_dir.iterdir() if p.is_dir() and not is_hidden_name(p.name) and p.name != "ground_truth"
-    )
+    ]
+    classes = sorted(p for p in subfolders if is_within(p, test_dir))
+    outside = sorted(p for p in subfolders if not is_within(p, test_dir))
     loose = [p for p in test_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not classes or loose:
-        folder = scan_images(test_dir, limits=limits)
+        folder = scan_images(test_dir, limits=limits, scope=scope)
         labelled = False
         return LoadedSplit(folder, source, label, labelled=labelled)
     records: list[ImageRecord] = []
-    skipped: list[SkippedFile] = []
+    skipped: list[SkippedFile] = [SkippedFile(f"{p.name}/", OUTSIDE_REASON) for p in outside]
     for class_dir in classes:
         try:
-            part = scan_images(class_dir, limits=limits)
+            part = scan_images(class_dir, limits=limits, scope=scope)
         except DataError as exc:
             skipped.append(SkippedFile(f"{class_dir.name}/", str(exc)))
             continue
         defect = class_dir.name
         is_good = defect.lower() in ("good", "ok", "normal", "nominal")
-        masks = {} if is_good or gt_base is None else mask_index(gt_base / defect)
+        masks = {} if is_good or gt_base is None else mask_index(gt_base / defect, within=gt_base, scope=scope)
         for r in part.records:
             rel = PurePosixPath(r.relpath or r.path.name)
             mask = find_mask(rel, masks) if masks else None
@@ -158,22 +184,6 @@ def read_test_folder(root: Path, *, limits: LoadLimits, source: str, label: str)
 
 
 # ------------------------------------------------------------------------------------------- the four ways
-
-
-def check_server_path(raw: str, allowed_roots: tuple[Path, ...]) -> Path:
-    """A folder path typed by the user, checked: exists, is a folder, inside the allowed roots if any."""
-    text = (raw or "").strip().strip('"').strip("'")
-    if not text:
-        raise DataError("type the path of a folder on the server first")
-    path = Path(os.path.expanduser(text)).resolve()
-    if allowed_roots and not any(path == r or r in path.parents for r in allowed_roots):
-        shown = ", ".join(str(r) for r in allowed_roots)
-        raise DataError(f"{path} is outside the folders this server allows (SOFTPATCH_SERVER_ROOTS: {shown})")
-    if not path.exists():
-        raise DataError(f"folder not found on the server: {path}")
-    if not path.is_dir():
-        raise DataError(f"{path} is a file, not a folder; give the folder that contains the images")
-    return path
 
 
 def save_browser_files(files, workspace: Workspace, slot: str, limits: LoadLimits) -> tuple[Path, list[SkippedFile]]:

@@ -4,7 +4,9 @@ Every config setting declared with ``env=True`` in ``softpatch.config`` (backbon
 weights, device, image size, discriminator, tau, LOF-k, coreset ratio, soft weights) is read from
 ``SOFTPATCH_<NAME>`` (e.g. ``SOFTPATCH_TAU``, ``SOFTPATCH_WEIGHTS``) and checked by that declaration.
 The app's own environment settings (input limits, work folder, cleanup age, server roots) are declared
-in ``ENVIRONMENT`` below, the same way. A bad value becomes a warning and its default, never a crash.
+in ``ENVIRONMENT`` below, the same way. ``SOFTPATCH_SERVER_ROOTS`` (folders separated by ``os.pathsep``)
+limits server-side paths; unset, see ``softpatch_app.server_paths`` (default folders on localhost, none on
+a network address). A bad value becomes a warning and its default, never a crash.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import streamlit as st
 from softpatch.demo import DemoManifest
 from softpatch.workspace import Workspace, cleanup_stale
 from softpatch_app.loading import LoadedSplit, LoadResult, load_demo
+from softpatch_app.server_paths import ServerPaths, server_path_policy
 from softpatch_app.settings import AppSettings, Environment, read_environment
 
 log = logging.getLogger("softpatch_app")
@@ -115,6 +116,13 @@ def _process_startup(workdir: str, max_age_s: float) -> list[str]:
 
 def environment() -> Environment:
     return read_environment()
+
+
+def server_paths(env: Environment | None = None) -> ServerPaths:
+    """Where typed server paths may point, for the address this server listens on (read at every call:
+    the policy must follow the running server, not the environment alone)."""
+    env = env or environment()
+    return server_path_policy(env.server_roots, env.workdir, st.get_option("server.address"))
 
 
 def _new_session(env: Environment) -> SessionData:

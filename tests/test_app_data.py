@@ -24,7 +24,10 @@ BATTERY = REPO.parent / "shared" / "data" / "battery_weld"
 
 
 @pytest.fixture
-def env(app_env):
+def env(app_env, monkeypatch):
+    # AppTest runs with server.address unset (every interface), where server folders are off by default: these
+    # tests allow their own temporary folder (which holds the work folder too) and the shared data beside the repo.
+    monkeypatch.setenv("SOFTPATCH_SERVER_ROOTS", os.pathsep.join([str(app_env), str(REPO.parent / "shared")]))
     return app_env
 
 
