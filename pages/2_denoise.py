@@ -21,7 +21,7 @@ from softpatch_app.settings import (
     WEIGHT_MODES,
     settings_from_widgets,
 )
-from softpatch_app.state import SessionData, get_session
+from softpatch_app.state import SessionData, get_session, server_paths
 from softpatch_app.ui import PAGES, need_data, show_notices
 from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
 
@@ -191,6 +191,7 @@ wanted, problems = settings_from_widgets(
         "coreset_ratio": float(st.session_state["dn_ratio"]),
         "soft_weight": bool(st.session_state["dn_soft"]),
     },
+    server_file=server_paths().file,
 )
 for problem in problems:
     st.warning(problem, icon=":material/warning:")

@@ -12,7 +12,7 @@ a network address). A bad value becomes a warning and its default, never a crash
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from softpatch.config import (
     parse_setting,
 )
 from softpatch.config import PARSERS as _PARSERS
+from softpatch.errors import SoftPatchError
 from softpatch.limits import LoadLimits
 from softpatch.workspace import ENV_WORK_DIR, default_base
 
@@ -103,17 +104,29 @@ class AppSettings:
 SIZE_CHOICES = ("128/112", "160/144", "224/192", "256/224", "320/288")
 
 
-def settings_from_widgets(current: AppSettings, widgets: Mapping[str, Any]) -> tuple[AppSettings, list[str]]:
+def settings_from_widgets(
+    current: AppSettings,
+    widgets: Mapping[str, Any],
+    *,
+    server_file: Callable[[str], Path] | None = None,
+) -> tuple[AppSettings, list[str]]:
     """The settings the Denoise page's widgets ask for, and a warning for each value kept from ``current``.
 
     ``widgets`` holds raw widget values by setting name (``size`` as "resize/crop" text, ``backbone_kwargs``
     as JSON text). Every value is checked by the config's declaration; a refused one keeps its current value.
+    A weights path typed in the browser is a server file path: it must pass ``server_file`` (the server-path
+    policy, which raises ``SoftPatchError``) unless it is the one already in force (e.g. SOFTPATCH_WEIGHTS);
+    without ``server_file`` no new path is accepted.
     """
     warnings: list[str] = []
     changes: dict[str, Any] = {}
     for name, raw in widgets.items():
         try:
-            if name == "size":
+            if name == "weights_path" and str(raw).strip() and str(raw).strip() != current.weights_path:
+                if server_file is None:
+                    raise ConfigError("a weights file path cannot be typed here")
+                changes[name] = str(server_file(str(raw)))
+            elif name == "size":
                 resize, crop = str(raw).split("/")
                 changes["resize"] = parse_setting("resize", resize)
                 changes["crop"] = parse_setting("crop", crop)
@@ -123,9 +136,10 @@ def settings_from_widgets(current: AppSettings, widgets: Mapping[str, Any]) -> t
                 changes[name] = check_setting(name, raw.strip() if isinstance(raw, str) else raw)
             else:
                 changes[name] = raw.strip() if isinstance(raw, str) else raw
-        except ValueError as exc:  # ConfigError, or a size without one "/"
-            text = str(exc) if isinstance(exc, ConfigError) else "image size must look like 256/224 (resize/crop)"
-            warnings.append(f"{text}; keeping the previous value.")
+        except SoftPatchError as exc:  # ConfigError, or the server-path policy's refusal
+            warnings.append(f"{exc}; keeping the previous value.")
+        except ValueError:  # a size without one "/"
+            warnings.append("image size must look like 256/224 (resize/crop); keeping the previous value.")
     try:
         return current.with_changes(**changes), warnings
     except ConfigError as exc:

@@ -361,3 +361,30 @@ def test_backbone_kwargs_allow_list_values_are_checked() -> None:
 
 def test_config_errors_are_softpatch_errors() -> None:
     assert issubclass(ConfigError, SoftPatchError) and issubclass(ConfigError, ValueError)
+
+
+def test_a_weights_path_typed_in_the_browser_must_pass_the_server_path_policy(tmp_path: Path) -> None:
+    from softpatch_app.server_paths import server_path_policy
+
+    allowed_root = tmp_path / "models"
+    allowed_root.mkdir()
+    good = allowed_root / "w.safetensors"
+    good.write_bytes(b"x")
+    workdir = tmp_path / "work"
+    (workdir / "ws-other").mkdir(parents=True)
+    planted = workdir / "ws-other" / "upload.safetensors"
+    planted.write_bytes(b"x")
+    policy = server_path_policy((allowed_root,), workdir, "0.0.0.0")
+    current = AppSettings(weights_mode="file", weights_path="/opt/admin/configured.safetensors")
+    for hostile in ("/etc/passwd", str(planted), str(allowed_root / ".." / "work" / "ws-other" / "upload.safetensors")):
+        wanted, problems = settings_from_widgets(current, {"weights_path": hostile}, server_file=policy.file)
+        assert wanted.weights_path == current.weights_path and len(problems) == 1, hostile
+    wanted, problems = settings_from_widgets(current, {"weights_path": str(good)}, server_file=policy.file)
+    assert wanted.weights_path == str(good) and not problems
+    # The path configured by the administrator (SOFTPATCH_WEIGHTS) stays usable, whatever the policy.
+    wanted, problems = settings_from_widgets(current, {"weights_path": current.weights_path}, server_file=policy.file)
+    assert wanted == current and not problems
+    # With server paths off, no new path is accepted at all.
+    off = server_path_policy((), workdir, "0.0.0.0")
+    wanted, problems = settings_from_widgets(current, {"weights_path": str(good)}, server_file=off.file)
+    assert wanted == current and "off" in problems[0].lower()
