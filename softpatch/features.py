@@ -214,6 +214,12 @@ def pool_channels(features: torch.Tensor, pooling: torch.Tensor) -> torch.Tensor
     return features @ pooling
 
 
+def patch_grid(crop: int, stride: int) -> tuple[int, int]:
+    """The ``(H, W)`` patch grid of a ``crop`` x ``crop`` image on a first stage of ``stride`` (``backbone_info``)."""
+    side = -(-crop // stride)
+    return side, side
+
+
 class FeatureExtractor(nn.Module):
     """Backbone stages -> locally aggregated, channel-pooled patch embeddings.
 
@@ -245,8 +251,7 @@ class FeatureExtractor(nn.Module):
         return self.backbone if self.inference_backbone is None else self.inference_backbone
 
     def grid_shape(self, crop: int) -> tuple[int, int]:
-        side = -(-crop // self.stride)
-        return side, side
+        return patch_grid(crop, self.stride)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
