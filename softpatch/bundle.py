@@ -59,6 +59,10 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
         raise SoftPatchError("save_bundle needs a fitted SoftPatch model")
     bank = model.build_memory_bank()
     threshold = model.threshold_ if threshold is None else float(threshold)
+    if not _valid_threshold(threshold):
+        raise BundleError(
+            f"the threshold must be a finite number >= 0 (image scores never go below 0), got {threshold}"
+        )
     n = len(model.train_names_)
     tensors = {
         "bank.features": bank.features.contiguous().float(),
@@ -101,6 +105,13 @@ class _Contents:
     names: list[str]
     sizes: list[tuple[int, int]]
     threshold: float | None
+
+
+def _valid_threshold(value: object) -> bool:
+    """None (no threshold) or a finite number >= 0: image scores are soft weights (>= 0) times distances."""
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _header(path: Path) -> SafetensorsHeader:
@@ -162,10 +173,8 @@ def _contents(name: str, metadata: dict[str, str]) -> _Contents:
         raise BundleError(
             f"{name} has damaged metadata: it needs one (width, height) in [1, {_MAX_IMAGE_SIDE}] per training image"
         )
-    if threshold is not None and not (
-        isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
-    ):
-        raise BundleError(f"{name} has damaged metadata: its threshold must be a finite number or null")
+    if not _valid_threshold(threshold):
+        raise BundleError(f"{name} has damaged metadata: its threshold must be a finite number >= 0 or null")
     return _Contents(
         config=config,
         grid=(grid[0], grid[1]),
