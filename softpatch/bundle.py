@@ -3,6 +3,13 @@
 A bundle carries everything scoring needs, the backbone weights included, so it reproduces the fitted
 model's scores exactly on a machine without network. It also keeps the training patches' outlier
 scores and removed mask, so a loaded model can still show its vetting report.
+
+Bundles come from elsewhere and are treated as hostile: loading reads that one file and nothing else,
+and checks it in an order where nothing large is allocated before it is known to be right. The header
+is parsed here (``softpatch.fileformats``): its length against the file, every tensor's byte range, the
+tensors filling the file exactly. Then the metadata (format, version, config through
+``SoftPatchConfig.from_dict``, grid, names, sizes, threshold), every tensor's dtype and shape against the
+config, the grid and the backbone built from the config, and only then the tensors and their values.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from softpatch.memory_bank import MemoryBank
 FORMAT_NAME = "softpatch-bundle"
 FORMAT_VERSION = 1
 _BACKBONE_PREFIX = "backbone."
-# Largest image side a training image can have had; stored sizes beyond it are damage.
-_MAX_IMAGE_SIDE = 1 << 20
+# Largest image side a decoded training image can have had (Pillow's sides are 32-bit); beyond it is damage.
+# Sizes are only shown, never allocated, so the bound only has to be true, not tight.
+_MAX_IMAGE_SIDE = 2**31 - 1
 # safetensors names of the torch dtypes a bundle's tensors have (the backbone's included).
 _DTYPE_NAMES = {
     torch.float32: "F32",
