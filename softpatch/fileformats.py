@@ -142,8 +142,8 @@ def read_safetensors_header(
     if text[:1] != b"{":
         raise NotSafetensorsError("its header is not a JSON object")
     try:
-        raw = loads_json(text)
-    except ValueError as exc:
+        raw = loads_json(text.decode("utf-8"))  # the format says UTF-8; json.loads(bytes) would guess UTF-16 too
+    except ValueError as exc:  # UnicodeDecodeError included
         raise NotSafetensorsError(f"its header is not valid: {exc}") from None
     if not isinstance(raw, dict):
         raise NotSafetensorsError("its header is not a JSON object")

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from softpatch.bundle import load_bundle, save_bundle
 from softpatch.config import ConfigError, SoftPatchConfig
 from softpatch.errors import BundleError
+from softpatch.fileformats import NotSafetensorsError, loads_json, read_safetensors_header
 from softpatch.model import SoftPatch
 from tests.conftest import SyntheticSet
 from tests.test_cli import run
@@ -356,3 +357,44 @@ def test_save_refuses_a_threshold_that_load_would_refuse(tmp_path: Path, model: 
     with pytest.raises(BundleError, match="threshold"):
         save_bundle(model, tmp_path / "t.softpatch", threshold=threshold)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_parser_recursion_anywhere_is_one_line_from_the_cli(
+    bundle: Path, synthetic_set: SyntheticSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import softpatch.bundle
+
+    def nested(*args: object, **kwargs: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(softpatch.bundle, "load_bundle", nested)
+    code, stdout, stderr = run(["score", str(bundle), str(synthetic_set.test_good[0])])
+    assert code == 2 and stdout == ""
+    assert stderr.splitlines() == ["softpatch: error: the input is nested too deeply to be read"]
+
+
+# ---------------------------------------------------------------- the header parser itself
+
+
+def test_header_over_the_accepted_size_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(4)}, str(path), metadata={"note": "y" * 200})
+    assert read_safetensors_header(path).tensors["x"].shape == (4,)
+    with pytest.raises(NotSafetensorsError, match="over the 64 accepted"):
+        read_safetensors_header(path, max_header_bytes=64)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[NaN]", "not a JSON value"),
+        ('{"a": Infinity}', "not a JSON value"),
+        ('{"a": 1, "a": 2}', "duplicate key"),
+        ("[" * DEEP + "]" * DEEP, "nested too deeply"),
+        (b"\xff\xfe{", "invalid JSON"),
+    ],
+    ids=["nan", "infinity", "duplicate", "deep", "not-utf8"],
+)
+def test_untrusted_json_is_refused_with_a_reason(text: str | bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        loads_json(text)
