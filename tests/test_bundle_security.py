@@ -295,9 +295,18 @@ def _record_connects(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     return connects
 
 
+@pytest.mark.parametrize("asks_for_weights", [False, True], ids=["plain", "config-names-pretrained-and-a-file"])
 def test_loading_reads_only_the_bundle_and_opens_no_socket(
-    bundle: Path, synthetic_set: SyntheticSet, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    bundle: Path,
+    synthetic_set: SyntheticSet,
+    monkeypatch: pytest.MonkeyPatch,
+    asks_for_weights: bool,
 ) -> None:
+    if asks_for_weights:  # the stored config of a fit on pretrained or file weights: neither may be fetched
+        secret = tmp_path / "server-secret.safetensors"
+        save_file({"conv1.weight": torch.zeros(1)}, str(secret))
+        bundle = _with(_config_change(pretrained=True, weights=str(secret)))(bundle, tmp_path / "asks.softpatch")
     load_bundle(bundle, device="cpu")  # first load imports what loading needs: module files are not the point
     opened: list[Path] = []
 

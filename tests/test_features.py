@@ -193,6 +193,7 @@ class _Opaque:
         self.weight = torch.zeros(3)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocol 5; refused either way
 @pytest.mark.parametrize("writer", ["torch.save", "torch.save-legacy", "pickle", "pickle-protocol-5"])
 def test_pickle_with_code_is_refused_and_never_executed(
     tmp_path: Path, small_config: SoftPatchConfig, writer: str
