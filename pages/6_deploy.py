@@ -108,6 +108,7 @@ with user_errors("choose the threshold"):
         threshold = st.number_input(
             "Threshold",
             value=start,
+            min_value=0.0,  # image scores are never negative; bundles refuse a negative threshold
             step=max((hi - lo) / 100, 1e-3),
             format="%.4f",
             key="dp_manual",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -175,7 +176,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if not usable:
         raise SoftPatchError("none of the given images can be read")
     result = model.score(usable, with_maps=args.heatmaps is not None, progress=_progress(args.quiet))
-    threshold = model.threshold_
+    threshold = model.threshold_  # finite or None: load_bundle refuses anything else
+    broken = [name for name, score in zip(result.names, result.image_scores, strict=True) if not math.isfinite(score)]
+    if broken:
+        # NaN compares false with any threshold, so it would be reported "ok": refuse instead.
+        raise SoftPatchError(
+            f"the model gives no finite score for {len(broken)} image(s) (first: {broken[0]}): the bundle's "
+            "weights overflow on them; refit, or check where the bundle came from"
+        )
     if args.heatmaps:
         from softpatch.heatmaps import save_heatmaps
 
@@ -191,7 +199,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"threshold": threshold, "results": rows, "skipped": [dict(path=p, reason=r) for p, r in failed]}
+                {"threshold": threshold, "results": rows, "skipped": [dict(path=p, reason=r) for p, r in failed]},
+                allow_nan=False,  # strict JSON: every value above is finite
             )
         )
     else:

@@ -17,6 +17,7 @@ from torch import nn
 
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import ResourceError, WeightsError
+from softpatch.fileformats import NotSafetensorsError, container_kind, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,23 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-        # safetensors: an 8-byte header length, then the JSON header; recognised whatever the file is called.
-        if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        # Recognised by content, whatever the file is called: safetensors when its header parses (its first
+        # bytes are a length and may look like anything), else a torch file by its zip or pickle signature.
+        try:
+            read_safetensors_header(path)
+            kind: str | None = "safetensors"
+        except NotSafetensorsError as exc:
+            kind, problem = container_kind(path), str(exc)
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        else:
+        elif kind is not None:
+            # torch.save's zip format, or its legacy pickle format: torch's weights-only unpickler accepts
+            # tensors and plain containers only, so no pickled object is ever constructed or run.
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"as safetensors, {problem}; and it has no torch file signature")
     except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing to a user
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         detail = f" ({detail[:200]})" if len(detail) > 12 else ""
@@ -261,6 +270,12 @@ def pool_channels(features: torch.Tensor, pooling: torch.Tensor) -> torch.Tensor
     return features @ pooling
 
 
+def patch_grid(crop: int, stride: int) -> tuple[int, int]:
+    """The ``(H, W)`` patch grid of a ``crop`` x ``crop`` image on a first stage of ``stride`` (``backbone_info``)."""
+    side = -(-crop // stride)
+    return side, side
+
+
 class FeatureExtractor(nn.Module):
     """Backbone stages -> locally aggregated, channel-pooled patch embeddings.
 
@@ -292,8 +307,7 @@ class FeatureExtractor(nn.Module):
         return self.backbone if self.inference_backbone is None else self.inference_backbone
 
     def grid_shape(self, crop: int) -> tuple[int, int]:
-        side = -(-crop // self.stride)
-        return side, side
+        return patch_grid(crop, self.stride)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

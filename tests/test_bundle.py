@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +219,17 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("kind", ["torch.save", "torch.save-legacy", "pickle"])
-def test_a_pickle_renamed_to_softpatch_is_refused_unopened(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "refused_as"),
+    [
+        ("torch.save", "zip"),
+        ("torch.save-legacy", "pickle"),
+        ("pickle", "pickle"),
+        ("pickle-protocol-5", "pickle"),
+        ("zip-of-a-pickle", "zip"),
+    ],
+)
+def test_a_pickle_renamed_to_softpatch_is_refused_unopened(tmp_path: Path, kind: str, refused_as: str) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "model.softpatch"
     payload = {"bank.features": _Payload(marker)}
@@ -226,11 +237,48 @@ def test_a_pickle_renamed_to_softpatch_is_refused_unopened(tmp_path: Path, kind:
         torch.save(payload, path)
     elif kind == "torch.save-legacy":
         torch.save(payload, path, _use_new_zipfile_serialization=False)
+    elif kind == "zip-of-a-pickle":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("data.pkl", pickle.dumps(payload))
     else:
-        path.write_bytes(pickle.dumps(payload, protocol=2))
-    with pytest.raises(BundleError):
+        path.write_bytes(pickle.dumps(payload, protocol=5 if kind.endswith("5") else 2))
+    with pytest.raises(BundleError, match=f"is a {refused_as} file, not a SoftPatch bundle"):
         load_bundle(path, device="cpu")
     assert not marker.exists(), "a bundle is never unpickled"
+
+
+@pytest.fixture(scope="module")
+def tiny(small_config: SoftPatchConfig, synthetic_set: SyntheticSet) -> tuple:
+    """resnet18's first stage only (a bundle of about 0.6 MB), so that many saves and loads stay cheap."""
+    from softpatch.model import build_extractor
+
+    config = small_config.replace(layers=(1,), feature_dim=16, discriminator="nearest")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        extractor = build_extractor(config, torch.device("cpu"))
+    probe = SoftPatch(config, extractor=extractor)
+    return config, extractor, probe.embed(synthetic_set.train), probe.embed(synthetic_set.test)
+
+
+def test_every_header_length_residue_loads_back(tmp_path: Path, tiny: tuple) -> None:
+    """A bundle's first byte is its header length mod 256; 0x80 (a pickle's first byte) must load like any other."""
+    config, extractor, train, test = tiny
+    expected = SoftPatch(config, extractor=extractor).fit_embeddings(train).score(test, with_maps=False)
+    path = tmp_path / "m.softpatch"
+    first_bytes = set()
+    for extra in range(0, 256, 8):  # 8 more characters of one training name: 8 more header bytes
+        names = [train.names[0] + "x" * extra, *train.names[1:]]
+        model = SoftPatch(config, extractor=extractor).fit_embeddings(dataclasses.replace(train, names=names))
+        save_bundle(model, path)
+        with open(path, "rb") as fh:
+            first_bytes.add(fh.read(1)[0])
+        loaded = load_bundle(path, device="cpu")
+        assert loaded.train_names_ == names
+        got = loaded.score(test, with_maps=False)
+        assert np.array_equal(got.image_scores, expected.image_scores)
+        assert np.array_equal(got.patch_scores, expected.patch_scores)
+    # safetensors pads its header to a multiple of 8: these are all 32 possible first bytes, 0x80 among them.
+    assert first_bytes == set(range(0, 256, 8))
 
 
 def _n(bundle_path: Path) -> tuple[int, int, int]:

@@ -193,7 +193,8 @@ class _Opaque:
         self.weight = torch.zeros(3)
 
 
-@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocol 5; refused either way
+@pytest.mark.parametrize("writer", ["torch.save", "torch.save-legacy", "pickle", "pickle-protocol-5"])
 def test_pickle_with_code_is_refused_and_never_executed(
     tmp_path: Path, small_config: SoftPatchConfig, writer: str
 ) -> None:
@@ -202,11 +203,48 @@ def test_pickle_with_code_is_refused_and_never_executed(
     payload = {"conv1.weight": _Payload(marker)}
     if writer == "torch.save":
         torch.save(payload, path)
+    elif writer == "torch.save-legacy":  # the pre-zip torch format: a bare pickle stream
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
     else:
-        path.write_bytes(pickle.dumps(payload, protocol=2))
+        path.write_bytes(pickle.dumps(payload, protocol=5 if writer.endswith("5") else 2))
     with pytest.raises(WeightsError, match="pickled objects are refused"):
         create_backbone(small_config.replace(weights=str(path)))
     assert not marker.exists(), "the pickle payload must never run"
+
+
+def _safetensors_with_header_length(path: Path, tensors: dict[str, torch.Tensor], length: int) -> None:
+    """Write ``tensors`` as safetensors whose 8-byte header length is exactly ``length`` (padded metadata)."""
+    save_file(tensors, str(path), metadata={"pad": ""})
+    base = int.from_bytes(path.read_bytes()[:8], "little")
+    for pad in range(max(0, length - base - 8), length - base + 8):
+        save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if int.from_bytes(path.read_bytes()[:8], "little") == length:
+            return
+    raise AssertionError(f"no padding gives a header of {length} bytes")
+
+
+@pytest.mark.parametrize(
+    "length",
+    [0x180, 0x280, 0x4B50],
+    ids=["first-byte-0x80", "pickle-protocol-2-signature", "starts-PK"],
+)
+def test_safetensors_weights_are_recognised_whatever_their_header_length(tmp_path: Path, length: int) -> None:
+    # A safetensors file starts with its header length: these lengths make it begin like a pickle or a zip.
+    path = tmp_path / "weights.bin"  # recognised by content, not by name
+    state = {"conv1.weight": torch.arange(12.0).reshape(3, 4), "fc.bias": torch.ones(2)}
+    _safetensors_with_header_length(path, state, length)
+    assert int.from_bytes(path.read_bytes()[:8], "little") == length
+    loaded = read_weights_file(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_plain_torch_state_dicts_still_load(tmp_path: Path, legacy: bool) -> None:
+    path = tmp_path / "weights.pth"
+    state = {"conv1.weight": torch.randn(3, 4), "bn1.num_batches_tracked": torch.tensor(7)}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    loaded = read_weights_file(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 def test_pickled_class_instance_is_refused(tmp_path: Path) -> None:
