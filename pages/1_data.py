@@ -15,7 +15,7 @@ from softpatch.images import load_image
 from softpatch_app import loading
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors
-from softpatch_app.state import SessionData, environment, get_session
+from softpatch_app.state import SessionData, environment, get_session, load_shared_demo
 from softpatch_app.ui import PAGES, show_notices
 
 METHODS = {
@@ -61,7 +61,7 @@ def _read(kind: str, method: str, slot_key: str):
     """Run one load; returns (LoadResult or LoadedSplit, upload folder or None). Raises with a clear message."""
     limits = env.limits
     if method == "demo":
-        result = loading.load_demo(session.workspace, limits=limits)
+        result = load_shared_demo(env)
         if kind == "test":
             if result.test is None:
                 raise DataError("the demo test set is missing")
@@ -227,8 +227,7 @@ def _read_extra(files, paths_text: str) -> ImageFolder:
             skipped.extend(folder.skipped)
         else:
             try:
-                if env.server_roots:
-                    loading.check_server_path(str(path.parent), env.server_roots)
+                loading.check_server_path(str(path.parent), env.server_roots)  # roots, and never the work dir
                 load_image(path, env.limits)
                 records.append(ImageRecord(path.resolve(), relpath=path.name))
             except Exception as exc:  # noqa: BLE001 - each bad line is listed, the other lines still load

@@ -2,7 +2,9 @@
 
 A bundle carries everything scoring needs, the backbone weights included, so it reproduces the fitted
 model's scores exactly on a machine without network. It also keeps the training patches' outlier
-scores and removed mask, so a loaded model can still show its vetting report.
+scores and removed mask, so a loaded model can still show its vetting report. Optionally
+(``training_features=True``) it also keeps the training patch features, so a loaded model can be
+re-tuned (tau, LOF-k, coreset) like the fitted one; such a bundle is N * P * D * 4 bytes larger.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from softpatch.memory_bank import MemoryBank
 FORMAT_NAME = "softpatch-bundle"
 FORMAT_VERSION = 1
 _BACKBONE_PREFIX = "backbone."
+_FEATURES = "train.features"  # optional: (N, P, D) float32
 _REQUIRED = {
     "bank.features": (2, torch.float32),
     "bank.weights": (1, torch.float32),
@@ -32,10 +35,13 @@ _REQUIRED = {
 }
 
 
-def save_bundle(model: object, path: str | Path, *, threshold: float | None = None) -> Path:
+def save_bundle(
+    model: object, path: str | Path, *, threshold: float | None = None, training_features: bool = False
+) -> Path:
     """Write a fitted ``SoftPatch`` to ``path`` (conventionally ``*.softpatch``); returns the path.
 
     ``threshold`` (image score at or above which an image is anomalous) defaults to ``model.threshold_``.
+    ``training_features`` also stores the training features ``(N, P, D)`` (the model must have them).
     """
     from safetensors.torch import save_file
 
@@ -54,6 +60,8 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
         "train.removed": torch.from_numpy(model.removed_mask_.reshape(n, -1).astype(np.uint8)),
         "train.suspicion": torch.from_numpy(np.ascontiguousarray(model.suspicion_, dtype=np.float32)),
     }
+    if training_features:
+        tensors[_FEATURES] = model.train_features_.contiguous().float()  # SoftPatchError for a model without them
     for key, value in model._get_extractor().backbone.state_dict().items():
         tensors[_BACKBONE_PREFIX + key] = value.detach().cpu().contiguous()
     metadata = {
@@ -142,6 +150,12 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
         m == 0 or (int(provenance[:, 0].min()) >= 0 and int(provenance[:, 0].max()) < n),
         threshold is None or isinstance(threshold, (int, float)),
     ]
+    features = tensors.get(_FEATURES)
+    if features is not None:
+        checks += [
+            features.dtype == torch.float32 and tuple(features.shape) == (n, p, config.feature_dim),
+            bool(torch.isfinite(features).all()),
+        ]
     if not all(checks):
         raise BundleError(f"{path.name} is damaged or tampered with: its tensors do not agree with each other")
     backbone_state = {k[len(_BACKBONE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_BACKBONE_PREFIX)}
@@ -156,7 +170,13 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     model.device_ = resolve_device(config.device)
     model._extractor = FeatureExtractor(backbone, config).to(model.device_).to(memory_format=torch.channels_last)
     model.grid_shape_ = grid
-    state = _TrainingState(features=None, names=names, sizes=sizes, suspicion=tensors["train.suspicion"].numpy())
+    state = _TrainingState(
+        features=features,
+        names=names,
+        sizes=sizes,
+        suspicion=tensors["train.suspicion"].numpy(),
+        suspicion_k=config.lof_k,
+    )
     model._state = state  # _score_key reads the number of training images from the state
     state.scores[model._score_key(config)] = tensors["train.outlier_scores"]
     model._bank = MemoryBank(bank_features, weights, provenance.numpy())

@@ -27,7 +27,7 @@ from softpatch.images import IMAGE_EXTENSIONS
 from softpatch.limits import LoadLimits
 from softpatch.safezip import extract_zip
 from softpatch.uploads import save_uploads
-from softpatch.workspace import Workspace
+from softpatch.workspace import Workspace, default_base
 
 SOURCES = ("demo", "browser folder", "zip", "server folder")
 
@@ -166,6 +166,9 @@ def check_server_path(raw: str, allowed_roots: tuple[Path, ...]) -> Path:
     if not text:
         raise DataError("type the path of a folder on the server first")
     path = Path(os.path.expanduser(text)).resolve()
+    work = default_base().resolve()
+    if path == work or work in path.parents or path in work.parents:  # reading it would read other projects
+        raise DataError(f"{path} holds this app's working folders (other users' projects); choose another folder")
     if allowed_roots and not any(path == r or r in path.parents for r in allowed_roots):
         shown = ", ".join(str(r) for r in allowed_roots)
         raise DataError(f"{path} is outside the folders this server allows (SOFTPATCH_SERVER_ROOTS: {shown})")
