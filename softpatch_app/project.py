@@ -462,12 +462,15 @@ def restore(workspace: Workspace, env: Environment) -> SessionData:
     session.store = store
     notes: list[str] = []
     bundle = None
+    data = state = None
     try:
         data = _read_json(workspace.path / DATA_FILE)
+    except DataError as exc:
+        notes.append(f"its image lists could not be read ({exc})")
+    try:
         state = _read_json(workspace.path / STATE_FILE)
     except DataError as exc:
-        data = state = None
-        notes.append(f"its saved state could not be read ({exc})")
+        notes.append(f"its settings and labels could not be read ({exc})")
     if data is not None:
         session.dataset_name = str(data.get("dataset_name", ""))
         for kind, what in (("train", "training"), ("test", "test")):
@@ -499,7 +502,9 @@ def restore(workspace: Workspace, env: Environment) -> SessionData:
         counter = state.get("upload_counter")
         session.upload_counter = counter if isinstance(counter, int) and counter >= 0 else 0
         saved_model = state.get("model")
-        if isinstance(saved_model, dict) and session.train is not None:
+        if isinstance(saved_model, dict) and session.train is None:
+            notes.append("the fitted model was not restored, as its training images were not")
+        elif isinstance(saved_model, dict):
             try:
                 missing: list[str] = []
                 session.model_records = _records(data.get("model_records") if data else None, store.codec, missing)
