@@ -76,9 +76,16 @@ def test_a_refresh_restores_the_project(env) -> None:
     save_project(before)
     assert len(before.labels) == 2 and before.threshold == 3.5
 
+    marker = before.workspace.path / MARKER_NAME
+    past = time.time() - 11 * 3600  # idle for 11 of the 12 hours the cleanup allows
+    os.utime(marker, (past, past))
+    known = projects(env)
+
     after = open_url(pid)  # the refresh
     clean(after)
     assert after.query_params["project"] == pid
+    assert projects(env) == known  # the same project, no new folder
+    assert time.time() - marker.stat().st_mtime < 600  # used again: the age cleanup starts over
     restored = session(after)
     assert restored is not before and restored.project_id == pid
     assert restored.model is not None and restored.model_is_current
