@@ -10,6 +10,7 @@ import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
 from softpatch_app.guard import user_errors
+from softpatch_app.project import save_project
 from softpatch_app.state import get_session
 from softpatch_app.ui import PAGES, sidebar
 
@@ -38,6 +39,9 @@ if session is not None:
             page.run()
     except StopException:
         pass  # a page ended early with st.stop(): the sidebar below is still drawn
+    finally:
+        # Also when a page reruns itself (st.rerun): what it just changed is on disk before a refresh can come.
+        save_project(session)
     # Drawn after the page, so it shows what the page just did (a fit, a new folder).
     with sidebar_slot, user_errors("draw the sidebar"):
         sidebar(session)

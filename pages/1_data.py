@@ -17,7 +17,7 @@ from softpatch.paths import ReadScope, is_within
 from softpatch_app import loading
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors
-from softpatch_app.state import SessionData, environment, get_session, server_paths
+from softpatch_app.state import SessionData, environment, get_session, load_shared_demo, server_paths
 from softpatch_app.ui import PAGES, show_notices
 
 METHODS = {
@@ -63,7 +63,7 @@ def _read(kind: str, method: str, slot_key: str):
     """Run one load; returns (LoadResult or LoadedSplit, upload folder or None). Raises with a clear message."""
     limits = env.limits
     if method == "demo":
-        result = loading.load_demo(session.workspace, limits=limits)
+        result = load_shared_demo(env)
         if kind == "test":
             if result.test is None:
                 raise DataError("the demo test set is missing")

@@ -67,6 +67,8 @@ method_names = {
     "percentile": "A percentile of known-good scores",
     "manual": "By hand",
 }
+if "dp_method" not in st.session_state and session.threshold_mode in methods:
+    st.session_state["dp_method"] = session.threshold_mode  # the choice made before a refresh
 method = st.radio(
     "How to choose the threshold",
     methods,
@@ -87,12 +89,13 @@ with user_errors("choose the threshold"):
             f"threshold **{threshold:.3f}**."
         )
     elif method == "percentile":
+        if "dp_pct" not in st.session_state:
+            st.session_state["dp_pct"] = float(session.threshold_pct)  # the percentile chosen before a refresh
         pct = st.slider(
             "Percentile of good images' scores",
             80.0,
             100.0,
-            99.0,
-            0.5,
+            step=0.5,
             key="dp_pct",
             help="The threshold is set so that this share of the known-good images passes.",
         )
@@ -117,6 +120,9 @@ with user_errors("choose the threshold"):
     if threshold is not None:
         session.threshold = float(threshold)
         session.threshold_method = method_names[method]
+        session.threshold_mode = method
+        if method == "percentile":
+            session.threshold_pct = float(pct)
 
 if threshold is not None and has_both:
     conf = metrics.confusion_at(labels, scores, threshold)

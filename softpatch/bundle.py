@@ -2,7 +2,9 @@
 
 A bundle carries everything scoring needs, the backbone weights included, so it reproduces the fitted
 model's scores exactly on a machine without network. It also keeps the training patches' outlier
-scores and removed mask, so a loaded model can still show its vetting report.
+scores and removed mask, so a loaded model can still show its vetting report. Optionally
+(``training_features=True``) it also keeps the training patch features, so a loaded model can be
+re-tuned (tau, LOF-k, coreset) like the fitted one; such a bundle is N * P * D * 4 bytes larger.
 
 Bundles come from elsewhere and are treated as hostile: loading reads that one file and nothing else,
 and checks it in an order where nothing large is allocated before it is known to be right. The header
@@ -38,6 +40,7 @@ from softpatch.memory_bank import MemoryBank
 FORMAT_NAME = "softpatch-bundle"
 FORMAT_VERSION = 1
 _BACKBONE_PREFIX = "backbone."
+_FEATURES = "train.features"  # optional: (N, P, D) float32
 # Largest image side a decoded training image can have had (Pillow's sides are 32-bit); beyond it is damage.
 # Sizes are only shown, never allocated, so the bound only has to be true, not tight.
 _MAX_IMAGE_SIDE = 2**31 - 1
@@ -54,10 +57,13 @@ _DTYPE_NAMES = {
 }
 
 
-def save_bundle(model: object, path: str | Path, *, threshold: float | None = None) -> Path:
+def save_bundle(
+    model: object, path: str | Path, *, threshold: float | None = None, training_features: bool = False
+) -> Path:
     """Write a fitted ``SoftPatch`` to ``path`` (conventionally ``*.softpatch``); returns the path.
 
     ``threshold`` (image score at or above which an image is anomalous) defaults to ``model.threshold_``.
+    ``training_features`` also stores the training features ``(N, P, D)`` (the model must have them).
     """
     from safetensors.torch import save_file
 
@@ -80,6 +86,8 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
         "train.removed": torch.from_numpy(model.removed_mask_.reshape(n, -1).astype(np.uint8)),
         "train.suspicion": torch.from_numpy(np.ascontiguousarray(model.suspicion_, dtype=np.float32)),
     }
+    if training_features:
+        tensors[_FEATURES] = model.train_features_.contiguous().float()  # SoftPatchError for a model without them
     for key, value in model._get_extractor().backbone.state_dict().items():
         tensors[_BACKBONE_PREFIX + key] = value.detach().cpu().contiguous()
     metadata = {
@@ -212,8 +220,11 @@ def _check_layout(name: str, header: SafetensorsHeader, contents: _Contents) -> 
         "train.removed": ("U8", (n, p)),
         "train.suspicion": ("F32", (n,)),
     }
-    for key, (dtype, shape) in expected.items():
+    optional = {_FEATURES: ("F32", (n, p, contents.config.feature_dim))}
+    for key, (dtype, shape) in {**expected, **optional}.items():
         entry = entries.get(key)
+        if entry is None and key in optional:
+            continue
         if entry is None:
             raise BundleError(f"{name} is damaged: tensor {key!r} is missing")
         if entry.dtype != dtype or entry.shape != shape:
@@ -221,7 +232,9 @@ def _check_layout(name: str, header: SafetensorsHeader, contents: _Contents) -> 
                 f"{name} is damaged or tampered with: tensor {key!r} is {entry.dtype} {list(entry.shape)}, but its "
                 f"config and metadata need {dtype} {list(shape)}"
             )
-    unexpected = sorted(k for k in entries if k not in expected and not k.startswith(_BACKBONE_PREFIX))
+    unexpected = sorted(
+        k for k in entries if k not in expected and k not in optional and not k.startswith(_BACKBONE_PREFIX)
+    )
     if unexpected:
         raise BundleError(f"{name} is damaged or tampered with: unexpected tensor {unexpected[0][:80]!r}")
 
@@ -273,6 +286,10 @@ def _check_values(name: str, tensors: dict[str, torch.Tensor], contents: _Conten
     # for a patch with an identical twin under the nearest discriminator, so 0 is a real value, not damage.
     checks = [
         (bool(torch.isfinite(tensors["bank.features"]).all()), "its memory bank features are not all finite"),
+        (
+            _FEATURES not in tensors or bool(torch.isfinite(tensors[_FEATURES]).all()),
+            "its training features are not all finite",
+        ),
         (_finite_non_negative(tensors["bank.weights"]), "its soft weights are not all finite and >= 0"),
         (
             bool(((provenance >= 0) & (provenance < upper)).all()),
@@ -339,7 +356,11 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     model._extractor = FeatureExtractor(backbone, config).to(model.device_).to(memory_format=torch.channels_last)
     model.grid_shape_ = contents.grid
     state = _TrainingState(
-        features=None, names=contents.names, sizes=contents.sizes, suspicion=tensors["train.suspicion"].numpy()
+        features=tensors.get(_FEATURES),
+        names=contents.names,
+        sizes=contents.sizes,
+        suspicion=tensors["train.suspicion"].numpy(),
+        suspicion_k=config.lof_k,
     )
     model._state = state  # _score_key reads the number of training images from the state
     state.scores[model._score_key(config)] = tensors["train.outlier_scores"]

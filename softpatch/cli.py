@@ -327,7 +327,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print("softpatch: error: out of memory; use fewer images or a smaller --crop", file=sys.stderr)
         return 2
     except RecursionError:
-        print("softpatch: error: an input is nested too deeply to be read", file=sys.stderr)
+        print("softpatch: error: the input is nested too deeply to be read", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"softpatch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -111,6 +111,7 @@ class _TrainingState:
     projections: dict[tuple, np.ndarray] = field(default_factory=dict)  # (dim, seed) -> (N*P, dim)
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
+    suspicion_k: int | None = None  # the lof_k the stored suspicion was computed with
 
 
 def build_extractor(config: SoftPatchConfig, device: torch.device) -> FeatureExtractor:
@@ -483,7 +484,8 @@ class SoftPatch:
     def suspicion_(self) -> np.ndarray:
         """``(N,)`` image-level suspicion: mean relative distance to the k = lof_k most similar images."""
         state = self._check_fitted()
-        if state.suspicion is not None:
+        # The stored values hold for their own k; with the training features at hand, another k is computed.
+        if state.suspicion is not None and (state.features is None or state.suspicion_k == self.config.lof_k):
             return state.suspicion
         neighbours = self._neighbours()
         if neighbours is None:

@@ -3,12 +3,18 @@
 Each workspace is a fresh private folder (mode 0o700) under a base folder, holding a marker file
 whose modification time is the last activity. ``cleanup_stale`` only ever deletes folders that carry
 that marker, so pointing it at a wrong base cannot delete anyone's data.
+
+A workspace is either temporary (``Workspace.create``: removed with its owner, on garbage collection or
+at interpreter exit) or persistent and named (``Workspace.create_named`` / ``Workspace.open_named``: it
+outlives the process and goes only by ``remove()`` or ``cleanup_stale``). Names are checked against
+``NAME_PATTERN`` before they ever become part of a path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -20,11 +26,22 @@ from typing import Self
 from softpatch.errors import DataError
 from softpatch.paths import is_within
 
-__all__ = ["ENV_WORK_DIR", "MARKER_NAME", "Workspace", "cleanup_stale", "default_base", "register_cleanup"]
+__all__ = [
+    "ENV_WORK_DIR",
+    "MARKER_NAME",
+    "NAME_PATTERN",
+    "Workspace",
+    "cleanup_stale",
+    "default_base",
+    "register_cleanup",
+]
 
 ENV_WORK_DIR = "SOFTPATCH_WORK_DIR"
 MARKER_NAME = ".softpatch-workspace"
 _PREFIX = "ws-"
+# Names of persistent workspaces: letters, digits, "_" and "-" only (no dots, no separators), so a name
+# can never climb out of its base folder, name its parent or a hidden file.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def default_base(base: str | os.PathLike | None = None) -> Path:
@@ -64,15 +81,30 @@ def _is_workspace(path: Path) -> bool:
         return False
 
 
-class Workspace:
-    """A private working folder for one browser session; removed by ``remove()``, on garbage collection,
-    or at interpreter exit, whichever comes first. Create with ``Workspace.create()``."""
+def _write_marker(path: Path) -> None:
+    marker = {"created": time.time(), "pid": os.getpid()}
+    (path / MARKER_NAME).write_text(json.dumps(marker), encoding="utf-8")
 
-    def __init__(self, path: Path) -> None:
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise DataError("invalid workspace name (letters, digits, '_' and '-' only)")
+    return name
+
+
+class Workspace:
+    """A private working folder. Temporary ones (``Workspace.create()``) are removed by ``remove()``, on
+    garbage collection, or at interpreter exit, whichever comes first; persistent ones
+    (``create_named`` / ``open_named``) only by ``remove()`` or ``cleanup_stale``."""
+
+    def __init__(self, path: Path, *, persistent: bool = False) -> None:
         if not _is_workspace(path):
             raise DataError(f"{path} is not a softpatch workspace folder")
         self._path = path
-        self._finalizer = weakref.finalize(self, _remove_tree, path)
+        self._persistent = persistent
+        self._removed = False
+        # A persistent folder must survive this object and the process: no finalizer at all.
+        self._finalizer = None if persistent else weakref.finalize(self, _remove_tree, path)
         self._owner_finalizers: list[weakref.finalize] = []
 
     @classmethod
@@ -81,20 +113,65 @@ class Workspace:
         root = _prepare_base(default_base(base))
         try:
             path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=root))  # mkdtemp creates it with mode 0o700
-            marker = {"created": time.time(), "pid": os.getpid()}
-            (path / MARKER_NAME).write_text(json.dumps(marker), encoding="utf-8")
+            _write_marker(path)
         except OSError as exc:
             raise DataError(f"cannot create a workspace in {root}: {exc.strerror or exc}") from None
         return cls(path)
+
+    @classmethod
+    def create_named(cls, base: str | os.PathLike, name: str) -> Workspace:
+        """A new persistent folder ``<base>/<name>`` (mode 0o700); ``DataError`` if the name is invalid or taken.
+
+        The caller chooses ``name`` (e.g. a random project id); it is never derived from user input here.
+        """
+        _check_name(name)
+        root = _prepare_base(Path(base))
+        path = root / name
+        try:
+            path.mkdir(mode=0o700)  # fails if it exists: an existing folder is never adopted
+            _write_marker(path)
+        except FileExistsError:
+            raise DataError(f"a workspace named {name!r} already exists") from None
+        except OSError as exc:
+            raise DataError(f"cannot create a workspace in {root}: {exc.strerror or exc}") from None
+        return cls(path, persistent=True)
+
+    @classmethod
+    def open_named(cls, base: str | os.PathLike, name: str) -> Workspace:
+        """The existing persistent folder ``<base>/<name>``; ``DataError`` if the name is invalid or no such
+        workspace exists (a symlink, a folder without the marker or of another user is not one)."""
+        _check_name(name)
+        root = _prepare_base(Path(base))
+        path = root / name
+        try:
+            st_ = os.lstat(path)
+        except OSError:
+            raise DataError(f"no workspace named {name!r}") from None
+        real_root = os.path.realpath(root)
+        if (
+            not _is_workspace(path)
+            or os.path.dirname(os.path.realpath(path)) != real_root
+            or (hasattr(os, "getuid") and st_.st_uid != os.getuid())
+        ):
+            raise DataError(f"no workspace named {name!r}")
+        return cls(path, persistent=True)
 
     @property
     def path(self) -> Path:
         return self._path
 
     @property
+    def name(self) -> str:
+        return self._path.name
+
+    @property
+    def persistent(self) -> bool:
+        return self._persistent
+
+    @property
     def alive(self) -> bool:
-        """False once removed."""
-        return self._finalizer.alive and self._path.is_dir()
+        """False once removed (by ``remove()``, or by someone else, e.g. ``cleanup_stale``)."""
+        return not self._removed and (self._finalizer is None or self._finalizer.alive) and _is_workspace(self._path)
 
     def __repr__(self) -> str:
         return f"Workspace({str(self._path)!r})"
@@ -143,7 +220,11 @@ class Workspace:
 
     def remove(self) -> None:
         """Delete the folder and everything in it (idempotent)."""
-        self._finalizer()
+        self._removed = True
+        if self._finalizer is not None:
+            self._finalizer()
+        else:
+            _remove_tree(self._path)
         for fin in self._owner_finalizers:
             fin.detach()
 

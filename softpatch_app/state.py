@@ -1,12 +1,16 @@
 """Per-browser-session state: one ``SessionData`` object in ``st.session_state``.
 
-Each browser session gets its own workspace folder, data, model and labels; nothing here is shared
-between sessions (shared, read-only things such as backbones live in ``st.cache_resource``).
+Each browser session works in a project (``softpatch_app.project``): its own folder, data, model and
+labels, saved on the server and named by an unguessable id in the page address (``?project=<id>``), so
+a refresh, a reconnect or an app restart brings the work back. Nothing here is shared between projects
+(shared, read-only things such as backbones live in ``st.cache_resource``; the demo images are one
+read-only folder).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +59,16 @@ class SessionData:
     # deploy
     threshold: float | None = None
     threshold_method: str = ""
+    threshold_mode: str = ""  # the Deploy page's choice: "f1", "percentile" or "manual"
+    threshold_pct: float = 99.0  # the percentile, when chosen by percentile
     notices: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
     upload_counter: int = 0
+    store: Any = None  # softpatch_app.project.ProjectStore: saves this state into the project folder
+
+    @property
+    def project_id(self) -> str:
+        """The id in the page address (the project folder's name)."""
+        return self.workspace.name
 
     def slot(self, kind: str) -> str:
         """A fresh upload folder name inside the workspace (uploads/<kind>-<n>)."""
@@ -95,6 +107,7 @@ class SessionData:
         self.model_data_version = -1
         self.threshold = None
         self.threshold_method = ""
+        self.threshold_mode = ""
 
     @property
     def model_is_current(self) -> bool:
@@ -104,14 +117,23 @@ class SessionData:
         self.notices.append((kind, text))
 
 
+def _cleanup(workdir, max_age_s: float) -> list[str]:
+    """Remove projects (and temporary workspaces of older versions) idle for more than ``max_age_s``."""
+    from softpatch_app.project import projects_dir
+
+    removed: list[str] = []
+    for base in (workdir, projects_dir(workdir)):
+        try:
+            removed += [str(p) for p in cleanup_stale(base, max_age_s=max_age_s)]
+        except Exception:
+            log.exception("cleanup of stale workspaces failed")
+    return removed
+
+
 @st.cache_resource(show_spinner=False)
 def _process_startup(workdir: str, max_age_s: float) -> list[str]:
-    """Once per server process: remove working folders of sessions that ended long ago."""
-    try:
-        return [str(p) for p in cleanup_stale(workdir, max_age_s=max_age_s)]
-    except Exception:
-        log.exception("cleanup of stale workspaces failed")
-        return []
+    """Once per server process: remove projects nobody used for a long time."""
+    return _cleanup(workdir, max_age_s)
 
 
 def environment() -> Environment:
@@ -125,37 +147,71 @@ def server_paths(env: Environment | None = None) -> ServerPaths:
     return server_path_policy(env.server_roots, env.workdir, st.get_option("server.address"))
 
 
+_demo_lock = threading.Lock()  # sessions starting together must not write the shared demo folder at once
+
+
+def load_shared_demo(env: Environment) -> LoadResult:
+    """The built-in demo data, generated once into the folder all projects share (read-only)."""
+    from softpatch_app.project import shared_demo_workspace
+
+    with _demo_lock:
+        return load_demo(shared_demo_workspace(env.workdir), limits=env.limits)
+
+
 def _new_session(env: Environment) -> SessionData:
+    """A new project (fresh id and folder) with the demo data loaded."""
+    from softpatch_app.project import ProjectStore, create_project
+
     _process_startup(str(env.workdir), env.max_age_s)
-    try:
-        cleanup_stale(env.workdir, max_age_s=env.max_age_s)
-    except Exception:
-        log.exception("cleanup of stale workspaces failed")
-    workspace = Workspace.create(env.workdir)
-    data = SessionData(workspace=workspace, settings=env.settings)
+    _cleanup(env.workdir, env.max_age_s)
+    data = SessionData(workspace=create_project(env.workdir), settings=env.settings)
+    data.store = ProjectStore(data.workspace, env, server_paths(env))
     for warning in env.warnings:  # a bad environment variable: say so once, carry on with the default
         data.notify("warning", f"Setting ignored: {warning}")
-    workspace.register_cleanup(data)  # the folder goes when the session's state is dropped
+    try:
+        data.set_training(load_shared_demo(env))
+    except Exception as exc:
+        log.exception("demo data could not be loaded")
+        data.notify("error", f"The demo data could not be prepared: {exc}")
     return data
 
 
+def _open_session(env: Environment, raw_id: object) -> SessionData | None:
+    """The session of the existing project ``raw_id`` (restored from its folder), or None if there is none."""
+    from softpatch_app.project import open_project, restore
+
+    _process_startup(str(env.workdir), env.max_age_s)
+    _cleanup(env.workdir, env.max_age_s)  # first, so that an expired project is not opened
+    workspace = open_project(env.workdir, raw_id)
+    if workspace is None:
+        return None
+    return restore(workspace, env, server_paths(env))
+
+
 def get_session() -> SessionData:
-    """This browser session's data, created on first use (with the demo data already loaded)."""
+    """This browser session's data: the project named in the page address, restored from its folder, or a
+    new project (with the demo data loaded) whose id is then put into the address."""
+    from softpatch_app.project import QUERY_PARAM
+
     data = st.session_state.get(KEY)
     if isinstance(data, SessionData) and data.workspace.alive:
         data.workspace.touch()
-        return data
-    env = environment()
-    fresh = _new_session(env)
-    if isinstance(data, SessionData):  # the folder was removed (idle too long): start over, say so
-        fresh.notify(
-            "warning",
-            "This session was idle for a long time and its files were cleaned up; the demo data is loaded again.",
-        )
-    try:
-        fresh.set_training(load_demo(fresh.workspace, limits=env.limits))
-    except Exception as exc:
-        log.exception("demo data could not be loaded")
-        fresh.notify("error", f"The demo data could not be prepared: {exc}")
-    st.session_state[KEY] = fresh
-    return fresh
+    else:
+        env = environment()
+        raw = None if isinstance(data, SessionData) else st.query_params.get(QUERY_PARAM)
+        fresh = _open_session(env, raw) if raw else None
+        if fresh is None:
+            fresh = _new_session(env)
+            if isinstance(data, SessionData) or raw:  # the project was removed (idle too long) or never existed
+                hours = env.max_age_s / 3600
+                fresh.notify(
+                    "warning",
+                    "The project in this page's address does not exist (projects are removed after "
+                    f"{hours:g} hours without use), so a new project was started with the demo data.",
+                )
+        data = fresh
+        st.session_state[KEY] = data
+    # Page changes clear the address's parameters: put the id back on every run, so a refresh finds it.
+    if st.query_params.get(QUERY_PARAM) != data.project_id:
+        st.query_params[QUERY_PARAM] = data.project_id
+    return data

@@ -60,6 +60,10 @@ def sidebar(session: SessionData) -> None:
             st.markdown(f"**Model:** {status} · tau {model.config.tau:.2f}")
         else:
             st.markdown("**Model:** not fitted yet")
+        st.caption(
+            f"Project `{session.project_id[:6]}…` is saved on the server: this page's address brings it back "
+            "(bookmark it). Anyone with the address can open it; share it only with people who may."
+        )
 
 
 def _short(path: str | None, keep: int = 38) -> str:

@@ -73,16 +73,23 @@ def test_two_sessions_fitting_at_once_stay_separate(env) -> None:
     assert {r.name for r in sb.model_records}.isdisjoint({r.name for r in sa.model_records})
 
 
-def test_a_sessions_folder_goes_with_its_session(env) -> None:
-    """The working folder is tied to the session's state object: when Streamlit drops the session, it goes."""
+def test_a_projects_folder_outlives_its_session_until_age_cleanup(env) -> None:
+    """The folder is no longer tied to the session's state object: it stays for a refresh, and goes by age."""
+    import os
+    import time
+
+    from softpatch.workspace import MARKER_NAME
     from softpatch_app.state import _new_session, environment
 
     data = _new_session(environment())
     path = data.workspace.path
     (data.workspace.subdir("uploads") / "x.png").write_bytes(png(1))
-    assert path.is_dir()
     del data
     gc.collect()
+    assert (path / "uploads" / "x.png").is_file()
+    past = time.time() - 13 * 3600
+    os.utime(path / MARKER_NAME, (past, past))
+    AppTest.from_file(APP, default_timeout=180).run()  # a new session runs the age cleanup
     assert not path.exists()
 
 

@@ -428,3 +428,60 @@ def test_battery_weld_walkthrough(server, driver) -> None:
     assert all(f"added/{p}" in top3 for p in BATTERY_PICKS), top3
     app.scroll_to("Training images ranked by suspicion")
     app.shot("08_battery_weld_ranking", "battery_weld_ranking")
+
+
+def test_a_refresh_restores_the_project(server, driver) -> None:
+    """Mid-work refresh: the page comes back with the same project id, the fitted model, labels and threshold."""
+    from urllib.parse import parse_qs, urlparse
+
+    from selenium.webdriver.common.keys import Keys
+
+    def project_id() -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ids = parse_qs(urlparse(driver.current_url).query).get("project")
+            if ids:
+                return ids[0]
+            time.sleep(0.3)
+        raise AssertionError(f"no project id in the address: {driver.current_url}")
+
+    app = App(driver, server)
+    driver.get(server)  # a fresh browser session: a new project
+    app.wait_text(r"Training folder")
+    app.idle()
+    pid = project_id()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", pid), pid
+
+    app.nav("Denoise")
+    app.click(app.button("Fit SoftPatch on 34 training images"))
+    app.wait_text(r"Demo check", timeout=TIMEOUT)
+    app.idle()
+    app.nav("Review")
+    app.wait_text(r"reviewed")
+    app.click(app.button("Defective"))
+    app.idle()
+    app.wait_text(r"1 of \d+ reviewed")
+    app.nav("Deploy")
+    app.wait_text(r"How to choose the threshold")
+    box = app.by_css('input[aria-label="Threshold"]')[0]
+    app.click(box)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("3.25", Keys.ENTER)
+    app.idle()
+    app.no_errors()
+    assert project_id() == pid  # the page changes kept the id in the address
+
+    driver.refresh()  # mid-work: everything above must come back without fitting again
+    app.wait_text(r"How to choose the threshold")
+    app.idle()
+    app.no_errors()
+    assert project_id() == pid
+    body = app.wait_text(r"Model: fitted")
+    assert "softpatch demo" in body and "does not exist" not in body and "partly restored" not in body
+    assert app.by_css('input[aria-label="Threshold"]')[0].get_attribute("value") == "3.2500"
+    app.shot("09_restored_deploy")
+    app.nav("Review")
+    app.wait_text(r"1 of \d+ reviewed")
+    app.no_errors()
+    assert project_id() == pid
+    app.shot("09_restored_review")

@@ -353,3 +353,46 @@ def test_config_of_another_backbone_is_refused(tmp_path: Path, bundle_path: Path
     path = _rewrite(bundle_path, tmp_path / "other.softpatch", metadata={"config": json.dumps(config)})
     with pytest.raises(BundleError, match="resnet34"):
         load_bundle(path, device="cpu")
+
+
+# ---------------------------------------------------------------- bundles with the training features
+
+
+def test_a_bundle_with_training_features_retunes_like_the_fitted_model(
+    tmp_path: Path, small_config: SoftPatchConfig, extractor, train_embeddings, eval_embeddings
+) -> None:
+    fitted = _fitted(small_config, extractor, train_embeddings, discriminator="lof", lof_k=4)
+    plain = save_bundle(fitted, tmp_path / "plain.softpatch")
+    full = save_bundle(fitted, tmp_path / "full.softpatch", training_features=True)
+    n, p, d = fitted.train_features_.shape
+    assert full.stat().st_size - plain.stat().st_size >= n * p * d * 4
+    loaded = load_bundle(full, device="cpu")
+    torch.testing.assert_close(loaded.train_features_, fitted.train_features_, rtol=0, atol=0)
+    for changes in ({"tau": 0.05}, {"lof_k": 3}, {"coreset_ratio": 0.5, "soft_weight": False}):
+        fitted.retune(**changes)
+        loaded.retune(**changes)  # refused for a bundle without the features
+        np.testing.assert_array_equal(loaded.removed_mask_, fitted.removed_mask_)
+        np.testing.assert_array_equal(loaded.vetting_report().ranking, fitted.vetting_report().ranking)
+        np.testing.assert_allclose(
+            loaded.score(eval_embeddings).image_scores, fitted.score(eval_embeddings).image_scores, rtol=1e-5
+        )
+    with pytest.raises(SoftPatchError, match="without its training features"):
+        load_bundle(plain, device="cpu").retune(tau=0.05)
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        lambda f: f[:, :-1],  # one position short
+        lambda f: f[:-1],  # one image short
+        lambda f: f.double(),
+        lambda f: torch.full_like(f, float("nan")),
+    ],
+    ids=["positions", "images", "dtype", "nan"],
+)
+def test_tampered_training_features_are_refused(tmp_path: Path, nearest_model: SoftPatch, features) -> None:
+    full = save_bundle(nearest_model, tmp_path / "full.softpatch", training_features=True)
+    _, tensors = _read(full)
+    path = _rewrite(full, tmp_path / "bad.softpatch", tensors={"train.features": features(tensors["train.features"])})
+    with pytest.raises(BundleError):
+        load_bundle(path, device="cpu")
