@@ -170,7 +170,8 @@ def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
             raise WeightsError(
                 f"pretrained weights for {config.backbone!r} could not be downloaded (no network?) and are not in "
                 "the local cache. Point to a local weights file (the weights setting: --weights FILE on the command "
-                "line, SOFTPATCH_WEIGHTS=FILE for the app), or choose random weights explicitly to try the workflow only."
+                "line, SOFTPATCH_WEIGHTS=FILE for the app), or choose random weights explicitly (--no-pretrained on "
+                "the command line) to try the workflow only."
             ) from None
         raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
 
