@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from softpatch.config import ConfigError, SoftPatchConfig
-from softpatch.device import resolve_device
 from softpatch.errors import BundleError, SoftPatchError
 from softpatch.fileformats import (
     NotSafetensorsError,
@@ -35,7 +34,6 @@ from softpatch.fileformats import (
     loads_json,
     read_safetensors_header,
 )
-from softpatch.memory_bank import MemoryBank
 
 FORMAT_NAME = "softpatch-bundle"
 FORMAT_VERSION = 1
@@ -71,32 +69,32 @@ def save_bundle(
 
     if not isinstance(model, SoftPatch):
         raise SoftPatchError("save_bundle needs a fitted SoftPatch model")
-    bank = model.build_memory_bank()
-    threshold = model.threshold_ if threshold is None else float(threshold)
+    state = model.to_state(training_features=training_features)  # SoftPatchError for a model without features
+    threshold = state.threshold if threshold is None else float(threshold)
     if not _valid_threshold(threshold):
         raise BundleError(
             f"the threshold must be a finite number >= 0 (image scores never go below 0), got {threshold}"
         )
-    n = len(model.train_names_)
     tensors = {
-        "bank.features": bank.features.contiguous().float(),
-        "bank.weights": bank.weights.contiguous().float(),
-        "bank.provenance": torch.from_numpy(np.ascontiguousarray(bank.provenance, dtype=np.int64)),
-        "train.outlier_scores": torch.from_numpy(np.ascontiguousarray(model.outlier_scores_.reshape(n, -1))).float(),
-        "train.removed": torch.from_numpy(model.removed_mask_.reshape(n, -1).astype(np.uint8)),
-        "train.suspicion": torch.from_numpy(np.ascontiguousarray(model.suspicion_, dtype=np.float32)),
+        "bank.features": state.bank_features.contiguous().float(),
+        "bank.weights": state.bank_weights.contiguous().float(),
+        "bank.provenance": torch.from_numpy(np.ascontiguousarray(state.bank_provenance, dtype=np.int64)),
+        "train.outlier_scores": state.outlier_scores.contiguous().float(),
+        # Derivable from the scores and the config; stored so that a load can check the two agree.
+        "train.removed": torch.from_numpy(state.removed_mask.astype(np.uint8)),
+        "train.suspicion": torch.from_numpy(state.suspicion),
     }
-    if training_features:
-        tensors[_FEATURES] = model.train_features_.contiguous().float()  # SoftPatchError for a model without them
-    for key, value in model._get_extractor().backbone.state_dict().items():
+    if state.training_features is not None:
+        tensors[_FEATURES] = state.training_features.contiguous().float()
+    for key, value in state.backbone.state_dict().items():
         tensors[_BACKBONE_PREFIX + key] = value.detach().cpu().contiguous()
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(model.config.to_dict()),
-        "grid": json.dumps(list(model.grid_shape_)),
-        "train_names": json.dumps(model.train_names_),
-        "train_sizes": json.dumps([list(s) for s in model.train_sizes_]),
+        "config": json.dumps(state.config.to_dict()),
+        "grid": json.dumps(list(state.grid)),
+        "train_names": json.dumps(state.names),
+        "train_sizes": json.dumps([list(s) for s in state.sizes]),
         "threshold": json.dumps(threshold),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -325,8 +323,8 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     (format, version, config, grid, names, sizes, threshold), every tensor's dtype and shape against
     the config and the grid, then the values themselves. Raises ``BundleError`` with the reason otherwise.
     """
-    from softpatch.features import FeatureExtractor, create_backbone, patch_grid
-    from softpatch.model import SoftPatch, _TrainingState
+    from softpatch.features import create_backbone, patch_grid
+    from softpatch.model import FittedState, SoftPatch
 
     path = Path(path)
     header = _header(path)
@@ -351,21 +349,23 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
         backbone.load_state_dict(backbone_state, strict=True)
     except Exception as exc:  # noqa: BLE001 - any mismatch means the stored backbone is unusable
         raise BundleError(f"{path.name}: the stored backbone weights do not fit {config.backbone!r}: {exc}") from None
-    model = SoftPatch(config)
-    model.device_ = resolve_device(config.device)
-    model._extractor = FeatureExtractor(backbone, config).to(model.device_).to(memory_format=torch.channels_last)
-    model.grid_shape_ = contents.grid
-    state = _TrainingState(
-        features=tensors.get(_FEATURES),
+    state = FittedState(
+        config=config,
+        grid=contents.grid,
         names=contents.names,
         sizes=contents.sizes,
+        threshold=contents.threshold,
+        backbone=backbone,
+        bank_features=tensors["bank.features"],
+        bank_weights=tensors["bank.weights"],
+        bank_provenance=tensors["bank.provenance"].numpy(),
+        outlier_scores=tensors["train.outlier_scores"],
         suspicion=tensors["train.suspicion"].numpy(),
-        suspicion_k=config.lof_k,
+        training_features=tensors.get(_FEATURES),
     )
-    model._state = state  # _score_key reads the number of training images from the state
-    state.scores[model._score_key(config)] = tensors["train.outlier_scores"]
-    model._bank = MemoryBank(tensors["bank.features"], tensors["bank.weights"], tensors["bank.provenance"].numpy())
-    model._bank.prepare_search(model.device_, config.search)  # loaded = ready to score at full speed
-    model._bank_key = model._bank_settings()
-    model.threshold_ = contents.threshold
-    return model
+    if not np.array_equal(state.removed_mask, tensors["train.removed"].numpy().astype(bool)):
+        raise BundleError(
+            f"{path.name} is damaged or tampered with: its removed-patch mask is not the one its outlier scores "
+            "and settings give"
+        )
+    return SoftPatch.from_state(state, device=device)

@@ -15,6 +15,7 @@ from typing import Union
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from softpatch.anomaly_map import anomaly_maps
 from softpatch.chunking import run_in_chunks
@@ -112,6 +113,36 @@ class _TrainingState:
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
     suspicion_k: int | None = None  # the lof_k the stored suspicion was computed with
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """A fitted model as plain data: what ``SoftPatch.to_state`` gives and ``SoftPatch.from_state`` takes.
+
+    Shapes: N training images, P = H * W patch positions, M memory-bank rows, D = ``config.feature_dim``.
+    Outlier scores: higher = more likely noise.
+    """
+
+    config: SoftPatchConfig
+    grid: tuple[int, int]  # (H, W) patch grid
+    names: list[str]  # (N,) training image names
+    sizes: list[tuple[int, int]]  # (N,) original (width, height)
+    threshold: float | None  # image score at or above which an image is anomalous
+    backbone: nn.Module  # the timm backbone with its weights as loaded (not batch-norm folded)
+    bank_features: torch.Tensor  # (M, D) float32
+    bank_weights: torch.Tensor  # (M,) float32 soft weights, >= 0
+    bank_provenance: np.ndarray  # (M, 3) int64 [image, row, col]
+    outlier_scores: torch.Tensor  # (N, P) float32 under config's discriminator
+    suspicion: np.ndarray  # (N,) float32 image suspicion, for config.lof_k
+    training_features: torch.Tensor | None  # (N, P, D) float32, or None: then the model cannot be re-tuned
+
+    @property
+    def removed_mask(self) -> np.ndarray:
+        """``(N, P)`` bool: the patches ``config``'s tau cut removes from ``outlier_scores``."""
+        scores = self.outlier_scores.numpy()
+        if not denoises(self.config.discriminator, scores.shape[0]):
+            return np.zeros(scores.shape, dtype=bool)
+        return select_removed(scores, self.config.tau, self.config.tau_scope)
 
 
 def build_extractor(config: SoftPatchConfig, device: torch.device) -> FeatureExtractor:
@@ -214,6 +245,53 @@ class SoftPatch:
             clone._bank = None
             clone._bank_key = None
         return clone.retune(**changes)
+
+    # ------------------------------------------------------------------ serialising
+    def to_state(self, *, training_features: bool = False) -> FittedState:
+        """This fitted model as plain data (the memory bank is built first if it is not yet).
+
+        ``training_features=True`` includes the ``(N, P, D)`` training features, so that the model rebuilt
+        by ``from_state`` can be re-tuned; ``NotFittedError``/``SoftPatchError`` when it has none.
+        """
+        bank = self.build_memory_bank()
+        n = len(self.train_names_)
+        return FittedState(
+            config=self.config,
+            grid=tuple(self.grid_shape_),
+            names=list(self.train_names_),
+            sizes=list(self.train_sizes_),
+            threshold=self.threshold_,
+            backbone=self._get_extractor().backbone,
+            bank_features=bank.features,
+            bank_weights=bank.weights,
+            bank_provenance=np.asarray(bank.provenance, dtype=np.int64),
+            outlier_scores=torch.from_numpy(np.ascontiguousarray(self.outlier_scores_.reshape(n, -1))).float(),
+            suspicion=np.ascontiguousarray(self.suspicion_, dtype=np.float32),
+            training_features=self.train_features_ if training_features else None,
+        )
+
+    @classmethod
+    def from_state(cls, state: FittedState, *, device: str) -> SoftPatch:
+        """A scoring-ready model from ``to_state`` data (checked by the caller, e.g. ``load_bundle``)."""
+        config = state.config.replace(device=device)
+        model = cls(config)
+        model.device_ = resolve_device(config.device)
+        extractor = FeatureExtractor(state.backbone, config)
+        model._extractor = extractor.to(model.device_).to(memory_format=torch.channels_last)
+        model.grid_shape_ = tuple(state.grid)
+        model._state = _TrainingState(
+            features=state.training_features,
+            names=list(state.names),
+            sizes=list(state.sizes),
+            suspicion=state.suspicion,
+            suspicion_k=config.lof_k,
+        )
+        model._state.scores[model._score_key(config)] = state.outlier_scores
+        model._bank = MemoryBank(state.bank_features, state.bank_weights, state.bank_provenance)
+        model._bank.prepare_search(model.device_, config.search)  # loaded = ready to score at full speed
+        model._bank_key = model._bank_settings()
+        model.threshold_ = state.threshold
+        return model
 
     # ------------------------------------------------------------------ features
     def _get_extractor(self) -> FeatureExtractor:

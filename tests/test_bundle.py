@@ -83,6 +83,29 @@ def test_round_trip_reproduces_scores_and_maps_exactly(
     np.testing.assert_array_equal(loaded.removed_mask_, model.removed_mask_)
 
 
+def test_the_model_serialises_itself_without_files(nearest_model: SoftPatch, synthetic_set: SyntheticSet) -> None:
+    state = nearest_model.to_state()
+    rebuilt = SoftPatch.from_state(state, device="cpu")
+    before, after = nearest_model.score(synthetic_set.test), rebuilt.score(synthetic_set.test)
+    assert np.array_equal(after.image_scores, before.image_scores)
+    assert np.array_equal(after.anomaly_maps, before.anomaly_maps)
+    np.testing.assert_array_equal(rebuilt.removed_mask_, nearest_model.removed_mask_)
+    np.testing.assert_array_equal(state.removed_mask.reshape(rebuilt.removed_mask_.shape), rebuilt.removed_mask_)
+    assert rebuilt.vetting_report().names == nearest_model.vetting_report().names
+    with_features = nearest_model.to_state(training_features=True)
+    assert with_features.training_features is not None and state.training_features is None
+    assert tuple(with_features.training_features.shape) == tuple(nearest_model.train_features_.shape)
+
+
+def test_a_removed_mask_that_disagrees_with_the_scores_is_refused(tmp_path: Path, bundle_path: Path) -> None:
+    _, tensors = _read(bundle_path)
+    flipped = tensors["train.removed"].clone()
+    flipped[0, 0] = 1 - flipped[0, 0]
+    tampered = _rewrite(bundle_path, tmp_path / "flipped.softpatch", tensors={"train.removed": flipped})
+    with pytest.raises(BundleError, match="removed-patch mask"):
+        load_bundle(tampered, device="cpu")
+
+
 def test_threshold_round_trips(tmp_path: Path, nearest_model: SoftPatch, bundle_path: Path) -> None:
     assert load_bundle(bundle_path, device="cpu").threshold_ == 0.5
     assert load_bundle(save_bundle(nearest_model, tmp_path / "none.softpatch"), device="cpu").threshold_ is None
