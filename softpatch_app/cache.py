@@ -4,7 +4,6 @@ embeddings (``st.cache_data``), keyed so that a new folder, file or setting is n
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from PIL import Image
 
 from softpatch.config import SoftPatchConfig
 from softpatch.device import resolve_device
-from softpatch.images import load_image
+from softpatch.images import image_size, load_image
 from softpatch.limits import LoadLimits
 from softpatch_app.imaging import png_bytes, thumbnail
 
@@ -31,20 +30,15 @@ def file_token(path: str | os.PathLike | None) -> tuple:
         return (str(path), 0, 0)
 
 
+def feature_token(config: SoftPatchConfig) -> tuple:
+    """The settings that decide patch features (``SoftPatchConfig.feature_key``) and the weights file's content
+    token: equal tokens, equal features."""
+    return (config.feature_key(), file_token(config.weights) if config.weights else ("", 0, 0))
+
+
 def extractor_key(config: SoftPatchConfig) -> tuple:
-    """Everything that decides a backbone + feature module: name, stages, kwargs, weights and where they
-    come from (a weights file by path, mtime and size), feature size, window, precision and device."""
-    return (
-        config.backbone,
-        tuple(config.layers),
-        json.dumps(config.backbone_kwargs, sort_keys=True),
-        config.weights_source,
-        file_token(config.weights) if config.weights else ("", 0, 0),
-        config.feature_dim,
-        config.patch_size,
-        config.precision,
-        str(resolve_device(config.device)),
-    )
+    """What decides a backbone + feature module: the feature token, the precision and the device."""
+    return (*feature_token(config), config.precision, str(resolve_device(config.device)))
 
 
 @st.cache_resource(max_entries=3, show_spinner=False)
@@ -86,8 +80,7 @@ def load_rgb(path: str | os.PathLike, limits: LoadLimits | None = None) -> Image
 
 @st.cache_data(max_entries=20000, show_spinner=False)
 def _image_size(token: tuple) -> tuple[int, int]:
-    with Image.open(token[0]) as im:  # header only
-        return im.size
+    return image_size(token[0])  # the header only, through the core's format allow-list
 
 
 def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
@@ -99,11 +92,6 @@ def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
         except Exception:  # noqa: BLE001 - a file that vanished after loading: size unknown
             out.append((0, 0))
     return out
-
-
-def feature_token(config: SoftPatchConfig) -> str:
-    """Fingerprint of the settings that decide patch features (and of the weights file's content token)."""
-    return config.feature_key() + repr(file_token(config.weights) if config.weights else "")
 
 
 def mask_for(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from softpatch import SoftPatch
+from softpatch.config import RETUNE_FIELDS
 from softpatch.errors import DataError
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
-from softpatch_app.settings import AppSettings
+from softpatch_app.settings import APP_CONFIG_SETTINGS, AppSettings
 from softpatch_app.state import SessionData
 
-# Settings a fitted model can change without reading the images again (see SoftPatch.retune).
-RETUNABLE = ("discriminator", "tau", "lof_k", "coreset_ratio", "soft_weight")
+# The app's settings a fitted model can change without reading the images again (SoftPatch.retune); the
+# device is left out: the app's extractor is shared between sessions, so a new device means a new fit.
+RETUNABLE = tuple(name for name in APP_CONFIG_SETTINGS if name in RETUNE_FIELDS and name != "device")
 # Of those, the ones that need the discriminator to run again (the rest is instant or lazy).
 RESCORING = ("discriminator", "lof_k")
 PATCHCORE = {"discriminator": "none", "soft_weight": False}
