@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from softpatch.errors import ImageLoadError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -80,13 +80,6 @@ def _failure(reason: str, name: str | None) -> ImageLoadError:
 def failure_reason(error: ImageLoadError) -> str:
     """The short reason of an ``ImageLoadError`` raised here (e.g. "empty file (0 bytes)")."""
     return getattr(error, "reason", str(error))
-
-
-def _format_bytes(n: int) -> str:
-    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def _pixel_limit_reason(pixels: int, limit: int, size: tuple[int, int] | None) -> str:
@@ -219,7 +212,7 @@ def _decode(fh: io.BufferedIOBase, size: int, name: str | None, limits: LoadLimi
         raise _failure("empty file (0 bytes)", name)
     if size > limits.max_upload_bytes:
         reason = (
-            f"file is {_format_bytes(size)}, over the limit of {_format_bytes(limits.max_upload_bytes)} "
+            f"file is {format_bytes(size)}, over the limit of {format_bytes(limits.max_upload_bytes)} "
             "(LoadLimits.max_upload_bytes)"
         )
         raise _failure(reason, name)

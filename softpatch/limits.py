@@ -31,3 +31,11 @@ class LoadLimits:
 
 
 DEFAULT_LIMITS = LoadLimits()
+
+
+def format_bytes(n: int) -> str:
+    """A size for messages: "3.2 GB", "512.0 KB", "17 bytes"."""
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"

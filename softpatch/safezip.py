@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
 from softpatch.paths import is_within
 
 __all__ = ["ARCHIVE_EXTENSIONS", "ExtractResult", "extract_zip", "safe_relative_parts", "single_folder_root"]
@@ -51,13 +51,6 @@ class ExtractResult:
     root: Path
     extracted: list[Path] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
-
-
-def _format_bytes(n: int) -> str:
-    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def safe_relative_parts(name: str) -> tuple[list[str], str]:
@@ -105,10 +98,10 @@ def _member_name(info: zipfile.ZipInfo) -> str:
 
 @contextlib.contextmanager
 def _open_source(source: str | os.PathLike | bytes | BinaryIO, limits: LoadLimits) -> Iterator[BinaryIO]:
-    too_big = f"the archive is over the upload limit of {_format_bytes(limits.max_upload_bytes)}"
+    too_big = f"the archive is over the upload limit of {format_bytes(limits.max_upload_bytes)}"
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > limits.max_upload_bytes:
-            raise DataError(f"{too_big} ({_format_bytes(len(source))}; LoadLimits.max_upload_bytes)")
+            raise DataError(f"{too_big} ({format_bytes(len(source))}; LoadLimits.max_upload_bytes)")
         yield io.BytesIO(bytes(source))
         return
     if isinstance(source, (str, os.PathLike)):
@@ -118,7 +111,7 @@ def _open_source(source: str | os.PathLike | bytes | BinaryIO, limits: LoadLimit
             if not path.is_file():
                 raise DataError(f"{path} is not a file")
             if size > limits.max_upload_bytes:
-                raise DataError(f"{too_big} ({_format_bytes(size)}; LoadLimits.max_upload_bytes)")
+                raise DataError(f"{too_big} ({format_bytes(size)}; LoadLimits.max_upload_bytes)")
             fh = open(path, "rb")
         except FileNotFoundError:
             raise DataError(f"archive not found: {path}") from None
@@ -135,7 +128,7 @@ def _open_source(source: str | os.PathLike | bytes | BinaryIO, limits: LoadLimit
         size = source.seek(0, os.SEEK_END) - start
         source.seek(start)
         if size > limits.max_upload_bytes:
-            raise DataError(f"{too_big} ({_format_bytes(size)}; LoadLimits.max_upload_bytes)")
+            raise DataError(f"{too_big} ({format_bytes(size)}; LoadLimits.max_upload_bytes)")
         yield source
         return
     data = source.read(limits.max_upload_bytes + 1)
@@ -158,7 +151,7 @@ def _entry_problem(info: zipfile.ZipInfo, parts: list[str], limits: LoadLimits) 
     if PurePosixPath(parts[-1]).suffix.lower() in ARCHIVE_EXTENSIONS:
         return "nested archive not extracted"
     if info.file_size > limits.max_upload_bytes:
-        return f"entry is {_format_bytes(info.file_size)}, over the file size limit (LoadLimits.max_upload_bytes)"
+        return f"entry is {format_bytes(info.file_size)}, over the file size limit (LoadLimits.max_upload_bytes)"
     if info.file_size > _RATIO_CHECK_MIN_BYTES:
         ratio = info.file_size / max(info.compress_size, 1)
         if ratio > limits.max_zip_ratio:
@@ -223,8 +216,8 @@ def extract_zip(
             declared = sum(i.file_size for i in infos if not i.is_dir())
             if declared > limits.max_zip_uncompressed_bytes:
                 raise DataError(
-                    f"the archive would expand to {_format_bytes(declared)}, over the limit of "
-                    f"{_format_bytes(limits.max_zip_uncompressed_bytes)} (LoadLimits.max_zip_uncompressed_bytes)"
+                    f"the archive would expand to {format_bytes(declared)}, over the limit of "
+                    f"{format_bytes(limits.max_zip_uncompressed_bytes)} (LoadLimits.max_zip_uncompressed_bytes)"
                 )
             dest.mkdir(parents=True, exist_ok=True)
             return _extract_members(zf, infos, dest, limits)

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
 from softpatch.paths import is_within
 from softpatch.safezip import ARCHIVE_EXTENSIONS, extract_zip, single_folder_root
 
@@ -32,13 +32,6 @@ def sanitize_upload_name(name: str) -> list[str]:
             continue
         parts.append(part)
     return parts
-
-
-def _format_bytes(n: int) -> str:
-    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def save_uploads(
@@ -74,8 +67,8 @@ def save_uploads(
             skipped.append(
                 SkippedFile(
                     shown,
-                    f"file is {_format_bytes(size)}, over the upload limit of "
-                    f"{_format_bytes(limits.max_upload_bytes)} (LoadLimits.max_upload_bytes)",
+                    f"file is {format_bytes(size)}, over the upload limit of "
+                    f"{format_bytes(limits.max_upload_bytes)} (LoadLimits.max_upload_bytes)",
                 )
             )
             continue
