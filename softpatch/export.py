@@ -432,7 +432,7 @@ def export_model(
     model_or_bundle: object,
     out: str | Path,
     *,
-    format: str = "onnx",  # noqa: A002 - the user-facing word, as in the CLI's --format
+    format: str = "onnx",
     threshold: float | None = None,
 ) -> ExportReport:
     """Export a fitted ``SoftPatch`` (or a bundle path) with its threshold; returns what was written.
@@ -445,10 +445,7 @@ def export_model(
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     model = _as_model(model_or_bundle)
-    try:
-        bank = model.build_memory_bank()
-    except SoftPatchError:
-        raise
+    bank = model.build_memory_bank()
     threshold = model.threshold_ if threshold is None else threshold
     if threshold is None or not math.isfinite(float(threshold)):
         raise ExportError(
