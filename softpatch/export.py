@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 
 from softpatch.anomaly_map import anomaly_maps, map_operators
-from softpatch.errors import ExportError, SoftPatchError
+from softpatch.errors import ExportError
 from softpatch.features import FeatureExtractor
 from softpatch.images import IMAGENET_MEAN, IMAGENET_STD
 from softpatch.memory_bank import MemoryBank
@@ -311,7 +311,9 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return {p.key.removeprefix(METADATA_PREFIX): p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    return {
+        p.key.removeprefix(METADATA_PREFIX): p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)
+    }
 
 
 def run_exported(path: str | Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -514,4 +516,3 @@ def export_model(
         distance_bytes_per_image=p * len(bank) * 4,
         probe_agreement=agreement,
     )
-
