@@ -74,6 +74,14 @@ class Geometry:
     threshold: float
 
 
+def crop_pixels(image: Image.Image, geometry: Geometry) -> np.ndarray:
+    """``(crop, crop, 3)`` uint8: squash-resize (Pillow bilinear) and centre crop, as the package does."""
+    g = geometry
+    resized = image.convert("RGB").resize((g.resize, g.resize), Image.Resampling.BILINEAR)
+    box = (g.offset, g.offset, g.offset + g.crop, g.offset + g.crop)
+    return np.asarray(resized.crop(box), dtype=np.uint8)
+
+
 def _onnx_metadata(session: object) -> dict[str, str]:
     meta = session.get_modelmeta().custom_metadata_map
     return {k.removeprefix("softpatch."): v for k, v in meta.items() if k.startswith("softpatch.")}
@@ -157,11 +165,8 @@ class Scorer:
         return {}
 
     def crop_pixels(self, image: Image.Image) -> np.ndarray:
-        """``(crop, crop, 3)`` uint8: squash-resize (Pillow bilinear) and centre crop, as the package does."""
-        g = self.geometry
-        resized = image.convert("RGB").resize((g.resize, g.resize), Image.Resampling.BILINEAR)
-        box = (g.offset, g.offset, g.offset + g.crop, g.offset + g.crop)
-        return np.asarray(resized.crop(box), dtype=np.uint8)
+        """``(crop, crop, 3)`` uint8 model input for one decoded image (see ``crop_pixels``)."""
+        return crop_pixels(image, self.geometry)
 
     def score_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model on uint8 ``(N, crop, crop, 3)`` RGB pixels; outputs by name (see ``OUTPUT_NAMES``)."""

@@ -48,6 +48,7 @@ from softpatch.errors import ExportError
 from softpatch.features import FeatureExtractor
 from softpatch.images import IMAGENET_MEAN, IMAGENET_STD
 from softpatch.memory_bank import MemoryBank
+from softpatch.model import Embeddings
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -361,10 +362,10 @@ class Agreement:
 
 
 def compare_with_scorer(
-    model: object, images: Sequence[object], outputs: dict[str, np.ndarray], threshold: float
+    model: object, images: Sequence[object] | Embeddings, outputs: dict[str, np.ndarray], threshold: float
 ) -> Agreement:
-    """Score ``images`` with ``model`` and compare with an export's ``outputs`` on the same images."""
-    embeddings = model.embed(images)
+    """Score ``images`` (or their ``Embeddings``) with ``model``; compare with an export's ``outputs`` on them."""
+    embeddings = images if isinstance(images, Embeddings) else model.embed(images)
     expected = model.score(embeddings, with_maps=True)
     got_patches = np.asarray(outputs["patch_scores"], dtype=np.float32)
     want_patches = expected.patch_scores
