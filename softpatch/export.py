@@ -28,9 +28,12 @@ is kept: the written file is run on probe images and must reproduce the package'
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -200,6 +203,21 @@ def _as_model(model_or_bundle: object) -> object:
     raise ExportError(f"export needs a fitted SoftPatch model or a bundle path, got {type(model_or_bundle).__name__}")
 
 
+def _on_cpu(model: object) -> object:
+    """``model`` itself on a CPU, else a shallow copy scoring on a CPU copy of its extractor.
+
+    The graph is traced on the CPU (no device copies in it), and the check compares it with the CPU scorer,
+    the one a line PC would otherwise run. The app's model, and its cached extractor, stay where they are.
+    """
+    extractor = model._get_extractor()
+    if next(extractor.parameters()).device.type == "cpu":
+        return model
+    clone = copy.copy(model)
+    clone._extractor = copy.deepcopy(extractor).to("cpu")
+    clone.device_ = torch.device("cpu")
+    return clone
+
+
 def _probe_images(resize: int) -> np.ndarray:
     """``(2, resize, resize, 3)`` uint8: a smooth colour gradient and seeded noise (an export's self-check)."""
     ramp = np.linspace(0, 255, resize, dtype=np.float32)
@@ -211,10 +229,27 @@ def _probe_images(resize: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    # The legacy exporter warns about its own deprecation and about traced shapes; neither concerns a user.
+    """Keep the exporter's own output away from the user.
+
+    It warns about its deprecation and traced shapes (Python warnings), and on a failure dumps the whole
+    TorchScript graph to the process's stdout from C++ (its logging switch is always on during an
+    export), which only an fd-level redirect silences. The failure itself becomes one ExportError.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):  # no real fd 1 (embedded interpreters): nothing to silence
+            yield
+            return
+        try:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _onnx_bytes(graph: _ScoringGraph, crop: int) -> bytes:
@@ -456,10 +491,9 @@ def export_model(
             "--threshold"
         )
     threshold = float(threshold)
+    model = _on_cpu(model)
     config = model.config
     extractor = model._get_extractor()
-    if next(extractor.parameters()).device.type != "cpu":
-        extractor = extractor.to("cpu")  # tracing on the CPU keeps the graph free of device copies
     graph = _ScoringGraph(
         extractor,
         bank,

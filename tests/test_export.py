@@ -325,7 +325,7 @@ class _Untraceable(torch.nn.Module):
         return [maps[0] + torch.linalg.eigh(gram).eigenvalues.sum() * 0, *maps[1:]]
 
 
-def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, train_embeddings, tmp_path) -> None:
+def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, train_embeddings, tmp_path, capfd) -> None:
     own = copy.deepcopy(extractor)  # the session's extractor is shared: change a copy
     own.inference_backbone = _Untraceable(own._runner)
     model = SoftPatch(small_config, extractor=own).fit_embeddings(train_embeddings)
@@ -334,6 +334,8 @@ def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, tra
         export_model(model, tmp_path / "m.onnx")
     assert "linalg_eigh" in str(info.value) and "\n" not in str(info.value)
     assert not list(tmp_path.iterdir())
+    out, err = capfd.readouterr()
+    assert "graph" not in out and "graph" not in err  # the exporter's C++ graph dump is kept from the user
 
 
 def test_model_without_threshold_is_refused(small_config, extractor, train_embeddings, tmp_path) -> None:
