@@ -60,9 +60,13 @@ __all__ = [
     "ONNX_OPSET",
     "OUTPUT_NAMES",
     "SCORE_RTOL",
+    "TIE_RTOL",
+    "Agreement",
     "ExportReport",
+    "compare_with_scorer",
     "export_model",
     "read_export_metadata",
+    "run_exported",
 ]
 
 EXPORT_FORMATS = ("onnx", "openvino")
@@ -482,6 +486,11 @@ def export_model(
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    try:
+        import onnx  # noqa: F401 - both are needed below; a clear sentence now beats an ImportError later
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError("exporting needs the onnx and onnxruntime packages: pip install onnx onnxruntime") from None
     model = _as_model(model_or_bundle)
     bank = model.build_memory_bank()
     threshold = model.threshold_ if threshold is None else threshold
