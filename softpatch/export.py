@@ -207,18 +207,22 @@ def _as_model(model_or_bundle: object) -> object:
     raise ExportError(f"export needs a fitted SoftPatch model or a bundle path, got {type(model_or_bundle).__name__}")
 
 
-def _on_cpu(model: object) -> object:
-    """``model`` itself on a CPU, else a shallow copy scoring on a CPU copy of its extractor.
+def _scorer_for_export(model: object) -> object:
+    """``model``, or a shallow copy of it scoring in fp32 on a CPU: what the graph computes.
 
-    The graph is traced on the CPU (no device copies in it), and the check compares it with the CPU scorer,
-    the one a line PC would otherwise run. The app's model, and its cached extractor, stay where they are.
+    The graph is traced on the CPU (no device copies in it) and always computes in fp32; the check
+    compares it with the CPU fp32 scorer, the one a line PC would otherwise run. The caller's model,
+    and the app's cached extractor, stay where and as they are.
     """
     extractor = model._get_extractor()
-    if next(extractor.parameters()).device.type == "cpu":
+    on_cpu = next(extractor.parameters()).device.type == "cpu"
+    if on_cpu and model.config.precision == "fp32":
         return model
     clone = copy.copy(model)
-    clone._extractor = copy.deepcopy(extractor).to("cpu")
-    clone.device_ = torch.device("cpu")
+    clone.config = model.config.replace(precision="fp32")  # not a bank setting: the bank is shared as it is
+    if not on_cpu:
+        clone._extractor = copy.deepcopy(extractor).to("cpu")
+        clone.device_ = torch.device("cpu")
     return clone
 
 
@@ -305,6 +309,7 @@ def _metadata(model: object, threshold: float, grid: tuple[int, int]) -> dict[st
         "bank_rows": str(len(model.memory_bank_)),
         "feature_dim": str(config.feature_dim),
         "opset": str(ONNX_OPSET),
+        "precision": "fp32",  # always, whatever the fitted model's precision setting
         "config": json.dumps(config.to_dict()),
         "softpatch_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -500,7 +505,7 @@ def export_model(
             "--threshold"
         )
     threshold = float(threshold)
-    model = _on_cpu(model)
+    model = _scorer_for_export(model)
     config = model.config
     extractor = model._get_extractor()
     graph = _ScoringGraph(

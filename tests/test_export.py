@@ -92,6 +92,11 @@ def battery(mobilenet_config, tmp_path_factory):
 def _check_battery(battery, fmt: str, runtime: str) -> None:
     model, threshold = battery["model"], battery["threshold"]
     report = export_model(model, battery["dir"] / "battery", format=fmt, threshold=threshold)
+    # Backbone + bank once, in either format: no second copy of the bank, no unused backbone stages.
+    assert [f.suffix for f in report.files] == ([".onnx"] if fmt == "onnx" else [".xml", ".bin"])
+    assert report.bank_bytes == len(model.memory_bank_) * (1024 + 2) * 4
+    assert report.bank_bytes + report.backbone_bytes <= report.file_bytes
+    assert report.file_bytes <= report.bank_bytes + report.backbone_bytes + 256 * 1024
     outputs, scorer = _score_with_script(report.model_file, battery["paths"], runtime)
     agreement = compare_with_scorer(model, battery["embeddings"], outputs, threshold)
     n_patches = outputs["patch_scores"].size
@@ -170,12 +175,13 @@ def test_file_holds_backbone_and_bank_once(small_model, small_onnx) -> None:
     assert bank_sized == ["bank_t"]
 
 
-def test_openvino_file_holds_backbone_and_bank_once(small_model, tmp_path) -> None:
-    pytest.importorskip("openvino", reason="openvino is not installed")
-    report = export_model(small_model, tmp_path / "small", format="openvino")
-    assert [f.suffix for f in report.files] == [".xml", ".bin"]
-    assert report.file_bytes <= report.bank_bytes + report.backbone_bytes + 256 * 1024
+def test_bf16_model_exports_in_fp32(small_model, tmp_path) -> None:
+    bf16 = copy.copy(small_model)
+    bf16.config = small_model.config.replace(precision="bf16")
+    report = export_model(bf16, tmp_path / "bf16.onnx")  # checked against the fp32 scorer, the graph's arithmetic
     assert report.probe_agreement.ok
+    assert bf16.config.precision == "bf16"  # the caller's model is left as it was
+    assert read_export_metadata(report.model_file)["precision"] == "fp32"
 
 
 def test_metadata_records_threshold_and_preprocessing(small_model, small_onnx, tmp_path) -> None:
