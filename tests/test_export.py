@@ -113,6 +113,8 @@ def _check_battery(battery, fmt: str, runtime: str) -> None:
     margin = np.abs(battery["scores"] - threshold) / threshold
     assert margin.min() > SCORE_RTOL
     assert scorer.geometry.threshold == pytest.approx(threshold)
+    meta = read_export_metadata(report.model_file)  # from the ONNX protobuf, or the OpenVINO IR's rt_info
+    assert float(meta["threshold"]) == threshold and (meta["resize"], meta["crop"]) == ("128", "112")
 
 
 def test_onnx_reproduces_the_python_scorer_on_battery_weld(battery) -> None:
