@@ -531,12 +531,11 @@ def export_model(
     metadata = _metadata(model, threshold, model.grid_shape_)
     data = _onnx_bytes(graph, config.crop)
     backbone_bytes = _backbone_bytes(data, tuple(bank.features.shape))
+    files = (path,) if format == "onnx" else (path, path.with_suffix(".bin"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    files: tuple[Path, ...]
     try:
         if format == "onnx":
             _write_onnx(data, metadata, path)
-            files = (path,)
         else:
             staging = path.with_name(path.name + ".onnx.partial")
             try:
@@ -544,10 +543,9 @@ def export_model(
                 _write_openvino(staging, metadata, path)
             finally:
                 staging.unlink(missing_ok=True)
-            files = (path, path.with_suffix(".bin"))
         agreement = _check(model, path, threshold)
     except BaseException:
-        for leftover in files if "files" in locals() else (path,):
+        for leftover in files:
             leftover.unlink(missing_ok=True)  # never leave a file that was not checked
         raise
     p = model.grid_shape_[0] * model.grid_shape_[1]

@@ -354,6 +354,21 @@ def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, tra
     assert "graph" not in out and "graph" not in err  # the exporter's C++ graph dump is kept from the user
 
 
+def test_export_that_does_not_reproduce_the_scores_is_not_kept(small_model, tmp_path, monkeypatch) -> None:
+    import softpatch.export as export
+
+    real = export.run_exported
+
+    def off_by_one_percent(path, pixels):
+        outputs = real(path, pixels)
+        return {**outputs, "image_score": outputs["image_score"] * 1.01}
+
+    monkeypatch.setattr(export, "run_exported", off_by_one_percent)
+    with pytest.raises(ExportError, match=r"does not reproduce this package's scores .*it was not kept"):
+        export_model(small_model, tmp_path / "m", format="onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_model_without_threshold_is_refused(small_config, extractor, train_embeddings, tmp_path) -> None:
     model = SoftPatch(small_config, extractor=extractor).fit_embeddings(train_embeddings)
     with pytest.raises(ExportError, match="has no threshold"):
