@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import streamlit as st
 
 from softpatch import metrics
 from softpatch.bundle import save_bundle
+from softpatch.export import export_model
 from softpatch_app import plots, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.reporting import build_session_report
 from softpatch_app.state import SessionData, get_session
 from softpatch_app.ui import device_label, need_model, show_notices
+
+# The reference inference script for line PCs, offered next to the ONNX model.
+INFER_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "softpatch_infer.py"
 
 session: SessionData = get_session()
 
@@ -22,7 +27,7 @@ show_notices(session)
 st.markdown(
     "Pick the **threshold**: images scoring at or above it are called defective on the line. A lower threshold "
     "catches more defects but raises more false alarms. Then download the **model bundle** (with its threshold) "
-    "and a **report** for stakeholders."
+    "or the **ONNX model** for the line, and a **report** for stakeholders."
 )
 if not need_model(session):
     st.stop()
@@ -147,7 +152,7 @@ elif threshold is not None and scores is not None:
 # ----------------------------------------------------------------------------------------------- downloads
 st.subheader("Downloads")
 name = (session.dataset_name or "softpatch").replace(" ", "_")
-c1, c2 = st.columns(2)
+c1, c_onnx, c2 = st.columns(3)
 with c1:
     st.markdown(
         "**Model bundle** — one file with the backbone, the memory bank, the settings and the threshold; "
@@ -179,6 +184,49 @@ with c1:
                 key="dp_bundle_dl",
                 help="The .softpatch file: load it with softpatch.load_bundle or the softpatch CLI.",
             )
+with c_onnx:
+    st.markdown(
+        "**ONNX model** — for the line PC: backbone, memory bank, map and the threshold's decision in one file "
+        "that ONNX Runtime or OpenVINO runs without torch; score folders with the inference script next to it."
+    )
+    if st.button(
+        "Prepare the ONNX model",
+        icon=":material/memory:",
+        key="dp_onnx",
+        help="Exports the fitted model with the threshold above to ONNX and checks that it reproduces these scores.",
+    ):
+        with user_errors("export the ONNX model"), st.spinner("Exporting and checking the ONNX model…"):
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            exported = export_model(
+                model, session.workspace.subdir("exports") / f"{name}-{stamp}.onnx", threshold=session.threshold
+            )
+            st.session_state["_onnx"] = (str(exported.model_file), exported.summary())
+    onnx_export = st.session_state.get("_onnx")
+    if onnx_export:
+        onnx_path, summary = onnx_export
+        with user_errors("offer the ONNX model"):
+            with open(onnx_path, "rb") as fh:
+                data = fh.read()
+            st.download_button(
+                f"Download ONNX model ({len(data) / 2**20:.1f} MB)",
+                data,
+                file_name=onnx_path.rsplit("/", 1)[-1],
+                mime="application/octet-stream",
+                icon=":material/download:",
+                type="primary",
+                key="dp_onnx_dl",
+                help="Run it with onnxruntime or OpenVINO; its metadata holds the threshold and the resize/crop.",
+            )
+            st.caption(summary)
+        st.download_button(
+            "Download the inference script",
+            INFER_SCRIPT.read_bytes(),
+            file_name=INFER_SCRIPT.name,
+            mime="text/x-python",
+            icon=":material/code:",
+            key="dp_script_dl",
+            help="python softpatch_infer.py MODEL.onnx FOLDER --csv scores.csv: needs numpy, Pillow and onnxruntime.",
+        )
 with c2:
     st.markdown(
         "**HTML report** — settings, removed-patch examples, the coreset map, heatmaps and metrics in one "

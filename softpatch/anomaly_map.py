@@ -34,9 +34,19 @@ def axis_operator(n_in: int, size: int, sigma: float) -> torch.Tensor:
     return up.squeeze(1).T.float().contiguous()
 
 
-def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """``(n, H, W)`` patch scores -> ``(n, size, size)`` maps, blurred with ``sigma`` pixels (0 = no blur)."""
+def map_operators(grid: tuple[int, int], size: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(size, H)`` row and ``(size, W)`` column operators of a ``(H, W)`` patch grid (see ``axis_operator``)."""
+    return axis_operator(int(grid[0]), int(size), float(sigma)), axis_operator(int(grid[1]), int(size), float(sigma))
+
+
+def anomaly_maps(
+    patch_scores: torch.Tensor, size: int, sigma: float, *, operators: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``(n, H, W)`` patch scores -> ``(n, size, size)`` maps, blurred with ``sigma`` pixels (0 = no blur).
+
+    ``operators``: ``map_operators(...)`` computed beforehand; the ONNX export passes them because a traced
+    grid shape is not a plain int and would trace the operators' construction into the graph.
+    """
     scores = patch_scores.float()
-    rows = axis_operator(scores.shape[1], size, float(sigma)).to(scores.device)
-    cols = axis_operator(scores.shape[2], size, float(sigma)).to(scores.device)
-    return rows @ scores @ cols.T
+    rows, cols = operators if operators is not None else map_operators(scores.shape[1:], size, sigma)
+    return rows.to(scores.device) @ scores @ cols.to(scores.device).T

@@ -1,4 +1,4 @@
-"""The ``softpatch`` command: fit, score, vet and bench. Errors are one line on stderr, never a traceback."""
+"""The ``softpatch`` command: fit, score, export, vet and bench. Errors are one line on stderr, never a traceback."""
 
 from __future__ import annotations
 
@@ -252,6 +252,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from softpatch.export import export_model
+
+    report = export_model(args.bundle, args.output, format=args.format, threshold=args.threshold)
+    print(report.summary())
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error of the command."""
 
@@ -281,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--heatmaps", default=None, help="folder to write heatmap overlays into")
     score.add_argument("--device", choices=DEVICES, default=DEFAULTS["device"], help=SETTINGS["device"].help)
     score.set_defaults(run=_cmd_score)
+
+    export = commands.add_parser(
+        "export", help="export a bundle with its threshold to ONNX or OpenVINO (run it with deploy/softpatch_infer.py)"
+    )
+    export.add_argument("bundle")
+    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="model format (default onnx)")
+    export.add_argument("-o", "--output", required=True, help="model file to write (.onnx, or .xml plus .bin)")
+    export.add_argument("--threshold", type=float, default=None, help="image threshold (default: the bundle's)")
+    export.set_defaults(run=_cmd_export)
 
     vet = commands.add_parser("vet", help="rank training images by how likely they are defective")
     vet.add_argument("train_dir")

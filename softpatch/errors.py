@@ -27,3 +27,7 @@ class NotFittedError(SoftPatchError):
 
 class ResourceError(SoftPatchError):
     """A job needs more memory than the device has; the message says how much and what to change."""
+
+
+class ExportError(SoftPatchError):
+    """A model cannot be exported to ONNX or OpenVINO, or its export does not reproduce its scores."""

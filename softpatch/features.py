@@ -319,6 +319,13 @@ class FeatureExtractor(nn.Module):
                 maps = self._runner(images)
         else:
             maps = self._runner(images)
+        return self.aggregate(maps)
+
+    def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone stage maps ``[(B, C_i, h_i, w_i)]`` -> patch features ``(B, H*W, feature_dim)`` float32.
+
+        Plain tensor operations without inference mode, so that ``softpatch.export`` traces the very same code.
+        """
         pad = self.patch_size // 2
         grid = maps[0].shape[-2:]
         parts = []

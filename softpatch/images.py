@@ -386,11 +386,19 @@ class ImageTransform:
         o, c = self.offset, self.crop
         return (o, o, o + c, o + c)
 
+    @property
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, bias)``, float32 ``(3,)`` each: a normalised pixel is ``uint8_value * scale + bias``."""
+        return self._scale.copy(), self._bias.copy()
+
+    def crop_pixels(self, image: Image.Image) -> np.ndarray:
+        """``(crop, crop, 3)`` uint8: the squash-resized, centre-cropped RGB pixels, before normalisation."""
+        resized = _as_pil_rgb(image).resize((self.resize, self.resize), Image.Resampling.BILINEAR)
+        return np.asarray(resized.crop(self._box), dtype=np.uint8)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """``(3, crop, crop)`` float32 tensor, ImageNet-normalised."""
-        resized = _as_pil_rgb(image).resize((self.resize, self.resize), Image.Resampling.BILINEAR)
-        arr = np.asarray(resized.crop(self._box), dtype=np.float32)  # (crop, crop, 3)
-        arr = arr * self._scale + self._bias
+        arr = self.crop_pixels(image).astype(np.float32) * self._scale + self._bias  # (crop, crop, 3)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -8,6 +8,7 @@ resnet18 at crop 64 takes well under a second.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from PIL import Image
 
 from softpatch.config import SoftPatchConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The shared data and weights sit beside the repository; SOFTPATCH_SHARED_DIR points elsewhere (e.g. from a worktree).
+SHARED = Path(os.environ.get("SOFTPATCH_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
 MOBILENET_KWARGS = {"bn_eps": 1e-3, "pad_type": "same"}
 

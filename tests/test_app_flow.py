@@ -16,10 +16,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.apptest_helpers import button, session
+from tests.conftest import MOBILENET_WEIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
-WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+WEIGHTS = MOBILENET_WEIGHTS
 
 ENV = {
     "SOFTPATCH_BACKBONE": "mobilenetv1_100",
@@ -207,6 +208,24 @@ def test_deploy_threshold_bundle_and_report(at: AppTest) -> None:
     except AttributeError as exc:  # pragma: no cover - a core bug reported to the lead
         pytest.xfail(f"load_bundle cannot read the bundle yet: {exc}")
     assert loaded.threshold_ == pytest.approx(5.0)
+
+
+def test_deploy_offers_the_onnx_model_with_its_threshold(at: AppTest) -> None:
+    at.switch_page("pages/6_deploy.py").run()
+    button(at, "Prepare the ONNX model").click().run()
+    clean(at)
+    path, summary = at.session_state["_onnx"]
+    onnx_file = Path(path)
+    assert onnx_file.is_file() and session(at).workspace.path in onnx_file.parents
+    assert "memory bank" in summary and "backbone" in summary
+    from softpatch.export import read_export_metadata
+
+    meta = read_export_metadata(onnx_file)
+    assert float(meta["threshold"]) == pytest.approx(session(at).threshold)
+    assert (meta["resize"], meta["crop"]) == ("128", "112")
+    labels = [b.label for b in at.get("download_button")]
+    assert any(label.startswith("Download ONNX model") for label in labels)
+    assert "Download the inference script" in labels
 
 
 def test_report(at: AppTest) -> None:
