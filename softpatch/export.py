@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -214,16 +215,15 @@ def _scorer_for_export(model: object) -> object:
     compares it with the CPU fp32 scorer, the one a line PC would otherwise run. The caller's model,
     and the app's cached extractor, stay where and as they are.
     """
-    extractor = model._get_extractor()
-    on_cpu = next(extractor.parameters()).device.type == "cpu"
+    from softpatch.model import SoftPatch
+
+    on_cpu = next(model.extractor_.parameters()).device.type == "cpu"
     if on_cpu and model.config.precision == "fp32":
         return model
-    clone = copy.copy(model)
-    clone.config = model.config.replace(precision="fp32")  # not a bank setting: the bank is shared as it is
-    if not on_cpu:
-        clone._extractor = copy.deepcopy(extractor).to("cpu")
-        clone.device_ = torch.device("cpu")
-    return clone
+    state = model.to_state()  # the bank and the scores are shared as they are; only the backbone is copied
+    backbone = state.backbone if on_cpu else copy.deepcopy(state.backbone).to("cpu")
+    fp32 = dataclasses.replace(state, config=state.config.replace(precision="fp32"), backbone=backbone)
+    return SoftPatch.from_state(fp32, device="cpu")
 
 
 def _probe_images(resize: int) -> np.ndarray:
@@ -507,7 +507,7 @@ def export_model(
     threshold = float(threshold)
     model = _scorer_for_export(model)
     config = model.config
-    extractor = model._get_extractor()
+    extractor = model.extractor_
     graph = _ScoringGraph(
         extractor,
         bank,

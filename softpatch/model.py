@@ -294,6 +294,11 @@ class SoftPatch:
         return model
 
     # ------------------------------------------------------------------ features
+    @property
+    def extractor_(self) -> FeatureExtractor:
+        """The backbone + patch feature module this model scores with (shared with variants: read, do not modify)."""
+        return self._get_extractor()
+
     def _get_extractor(self) -> FeatureExtractor:
         if self._extractor is None:
             self._extractor = build_extractor(self.config, resolve_device(self.config.device))
