@@ -98,6 +98,58 @@ def _add_denoise_options(parser: argparse.ArgumentParser, *, with_discriminator:
     _add_setting_options(parser, "denoising", names)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    from softpatch.threshold import DEFAULT_FOLDS
+
+    group = parser.add_argument_group("threshold from good images alone (softpatch.threshold)")
+    group.add_argument(
+        "--threshold-fpr",
+        type=_fraction,
+        default=None,
+        metavar="RATE",
+        help="store the threshold for this false-alarm rate (e.g. 0.01), set on out-of-sample scores of the "
+        "training images; its exact confidence bound is printed (default: no threshold)",
+    )
+    group.add_argument(
+        "--threshold-folds",
+        type=_count(2),
+        default=DEFAULT_FOLDS,
+        metavar="K",
+        help=f"folds of the out-of-sample scoring (default: {DEFAULT_FOLDS})",
+    )
+    group.add_argument(
+        "--threshold-exclude-top",
+        type=_count(0),
+        default=0,
+        metavar="N",
+        help="leave the N most suspicious training images out of the threshold (default: 0)",
+    )
+
+
 def _config(args: argparse.Namespace) -> SoftPatchConfig:
     return SoftPatchConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)})
 
@@ -134,12 +186,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     records = _training_images(args.train_dir)
     model = SoftPatch(_config(args)).fit(records, progress=_progress(args.quiet))
+    chosen = None
+    if args.threshold_fpr is not None:
+        from softpatch.threshold import threshold_from_good_images
+
+        chosen = threshold_from_good_images(
+            model,
+            target_fpr=args.threshold_fpr,
+            folds=args.threshold_folds,
+            exclude_most_suspicious=args.threshold_exclude_top,
+            progress=_progress(args.quiet),
+        )
+        model.threshold_ = chosen.threshold
     out = save_bundle(model, args.output)
     removed = model.removed_fraction_
     print(
         f"fitted on {len(records)} images; removed {removed.mean() * 100:.1f}% of patches; "
         f"memory bank {len(model.memory_bank_)} patches; saved {out}"
     )
+    if chosen is not None:
+        print(chosen.summary())
     return 0
 
 
@@ -265,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, help="bundle file to write (e.g. model.softpatch)")
     _add_backbone_options(fit)
     _add_denoise_options(fit)
+    _add_threshold_options(fit)
     fit.set_defaults(run=_cmd_fit)
 
     score = commands.add_parser("score", help="score images with a saved bundle")

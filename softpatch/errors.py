@@ -27,3 +27,7 @@ class NotFittedError(SoftPatchError):
 
 class ResourceError(SoftPatchError):
     """A job needs more memory than the device has; the message says how much and what to change."""
+
+
+class ThresholdError(SoftPatchError):
+    """A threshold cannot be set from these images (too few, bad target); the message says why."""

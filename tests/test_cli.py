@@ -127,6 +127,26 @@ def test_score_with_a_threshold_marks_anomalies(
     assert verdicts == ["ok"] * n_good + ["ANOMALOUS"] * len(synthetic_set.test_bad)
 
 
+def test_fit_with_a_false_alarm_target_stores_the_threshold_from_good_images(
+    tmp_path: Path, synthetic_set: SyntheticSet
+) -> None:
+    bundle = tmp_path / "thr.softpatch"
+    torch.manual_seed(0)
+    options = ["--threshold-fpr", "0.01", "--threshold-folds", "4", "--threshold-exclude-top", "2"]
+    assert len(synthetic_set.defective) == 2
+    code, stdout, stderr = run(["fit", str(synthetic_set.train_dir), "-o", str(bundle), *SMALL, *options])
+    assert code == 0, stderr
+    summary = stdout.splitlines()[-1]
+    n_good = len(synthetic_set.train) - len(synthetic_set.defective)
+    assert f"0 of {n_good} good images flagged out of sample" in summary and "with 95% confidence" in summary
+    code, stdout, _ = run(["score", str(bundle), *map(str, synthetic_set.test), "--json"])
+    document = json.loads(stdout)
+    assert f"threshold {document['threshold']:.4f}" in summary  # the bundle carries the threshold printed
+    assert [r["anomalous"] for r in document["results"]] == [False] * len(synthetic_set.test_good) + [True] * len(
+        synthetic_set.test_bad
+    )
+
+
 def test_score_heatmaps_are_written_at_the_original_size(
     tmp_path: Path, fitted_bundle: Path, synthetic_set: SyntheticSet
 ) -> None:
@@ -255,6 +275,10 @@ def _bad_calls(train: str, out: str, bundle: str, mvtec: str, junk: dict[str, Pa
     fit = ["fit", train, "-o", out, *SMALL]
     return {
         "no-command": [],
+        "threshold-fpr-1": [*fit, "--threshold-fpr", "1"],
+        "threshold-fpr-text": [*fit, "--threshold-fpr", "often"],
+        "threshold-folds-1": [*fit, "--threshold-fpr", "0.01", "--threshold-folds", "1"],
+        "threshold-exclude-all": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude-top", "99"],
         "fit-missing-folder": ["fit", f"{tmp}/missing", "-o", out, *SMALL],
         "fit-file-as-folder": ["fit", str(junk["broken"]), "-o", out, *SMALL],
         "fit-junk-only-folder": ["fit", str(junk["only_junk"]), "-o", out, *SMALL],
