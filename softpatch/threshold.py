@@ -21,9 +21,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta
 
 from softpatch.errors import ThresholdError
+from softpatch.metrics import rate_interval
 from softpatch.progress import ProgressCallback, report
 
 __all__ = [
@@ -93,9 +93,7 @@ def fpr_upper_bound(n_flagged: int, n_images: int, confidence: float = DEFAULT_C
         raise ThresholdError(f"flagged images must be between 0 and {n_images}, got {n_flagged}")
     if not 0.0 < confidence < 1.0:
         raise ThresholdError(f"confidence must be between 0 and 1, got {confidence}")
-    if n_flagged == n_images:
-        return 1.0
-    return float(beta.ppf(confidence, n_flagged + 1, n_images - n_flagged))
+    return rate_interval(n_flagged, n_images, confidence, upper_only=True)[1]
 
 
 def threshold_for_fpr(good_scores: np.ndarray, target_fpr: float) -> tuple[float, int]:
