@@ -66,9 +66,8 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
 
     if detection is not None:
         soft, base = detection.softpatch, detection.patchcore
-        threshold = session.threshold
-        if threshold is None:
-            threshold, _ = services.default_threshold(detection.labels, soft.image_scores)
+        threshold, method = services.current_threshold(session, progress)
+        base_threshold = services.baseline_threshold(session, detection, progress) if base is not None else None
         maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
         hrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
         order = np.argsort(-soft.image_scores, kind="stable")
@@ -81,6 +80,7 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                     alpha=0.5,
                     vrange=hrange,
                     threshold=threshold,
+                    image_score=float(soft.image_scores[k]),
                     px=320,
                 )
             ]
@@ -93,7 +93,8 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                         model.transform_,
                         alpha=0.5,
                         vrange=hrange,
-                        threshold=None,
+                        threshold=base_threshold.threshold,
+                        image_score=float(base.image_scores[k]),
                         px=320,
                     )
                 )
@@ -114,15 +115,17 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             )
             from softpatch import metrics
 
-            conf = metrics.confusion_at(labels, soft.image_scores, threshold)
+            point = metrics.operating_point(
+                labels, soft.image_scores, threshold, chosen_here=services.threshold_chosen_on_test(session)
+            )
+            conf = point.confusion
             content.figures.append(("Confusion matrix", plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn)))
-            content.threshold = {
-                "Threshold": f"{threshold:.4f}",
-                "Chosen by": session.threshold_method or "default (best F1)",
-                "False-alarm rate": f"{conf.fpr:.1%} ({conf.fp} of {conf.fp + conf.tn} good images)",
-                "Miss rate": f"{conf.fnr:.1%} ({conf.fn} of {conf.fn + conf.tp} defective images)",
-            }
+            content.threshold = {"Chosen by": method, **point.rows()}
             content.summary["test image AUROC (SoftPatch)"] = _fmt(table["SoftPatch"]["image AUROC"])
         else:
-            content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": session.threshold_method or "default"}
+            content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": method}
+        if base_threshold is not None:
+            content.threshold["PatchCore's own threshold (same rule)"] = (
+                f"{base_threshold.threshold:.4f} ({base_threshold.method})"
+            )
     return build_report(content)

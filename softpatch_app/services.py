@@ -253,14 +253,164 @@ def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
-def default_threshold(labels, scores) -> tuple[float, str]:
-    """A starting threshold: best F1 when labels of both classes are known, else the 95th percentile."""
+# How the threshold is chosen; the sentence is what the pages, the bundle's caption and the report show.
+THRESHOLD_METHODS = {
+    "good": "From good training images alone (out-of-sample, false-alarm target)",
+    "f1": "Best F1 on the labelled test images",
+    "percentile": "A percentile of known-good test scores",
+    "manual": "By hand",
+}
+DEFAULT_TARGET_FPR = 0.01
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the threshold is chosen; applied alike to SoftPatch and to the PatchCore comparison."""
+
+    kind: str = "good"  # a key of THRESHOLD_METHODS
+    target_fpr: float = DEFAULT_TARGET_FPR  # "good": share of good images allowed to be flagged
+    exclude_top: int = 0  # "good": also leave out this many of the most suspicious training images
+    percentile: float = 99.0  # "percentile"
+    value: float | None = None  # "manual"
+
+
+@dataclass(frozen=True)
+class ChosenThreshold:
+    """A threshold, the sentence saying how it was chosen, and what it rests on."""
+
+    threshold: float
+    method: str
+    chosen_on_test: bool  # the labelled test images chose it: figures on them are in-sample
+    good: object | None = None  # softpatch.threshold.GoodImageThreshold for the "good" rule
+    f1: object | None = None  # softpatch.metrics.ThresholdChoice for the "f1" rule
+
+
+def marked_defective(session: SessionData) -> list[str]:
+    """Training image names (as the model knows them) that the user marked defective on the Review page."""
+    return [str(r.path) for r in session.model_records if session.labels.get(r.name) == "defective"]
+
+
+def good_image_threshold(session: SessionData, model: SoftPatch, rule: ThresholdRule, progress=None):
+    """``softpatch.threshold.threshold_from_good_images`` for ``model`` (SoftPatch or its PatchCore variant),
+    leaving out the images marked defective; memoised per model settings, exclusions and target."""
+    from softpatch.threshold import threshold_from_good_images
+
+    exclude = tuple(marked_defective(session))
+    key = (
+        id(model),
+        session.model_data_version,
+        repr(sorted(model.config.to_dict().items())),
+        exclude,
+        rule.target_fpr,
+        rule.exclude_top,
+    )
+    memo = session.threshold_memo
+    if key not in memo:
+        while len(memo) >= 4:
+            memo.pop(next(iter(memo)))
+        memo[key] = threshold_from_good_images(
+            model,
+            target_fpr=rule.target_fpr,
+            exclude=exclude,
+            exclude_most_suspicious=rule.exclude_top,
+            progress=progress,
+        )
+    return memo[key]
+
+
+def threshold_by_rule(
+    session: SessionData,
+    model: SoftPatch,
+    rule: ThresholdRule,
+    scores: np.ndarray | None,
+    labels: np.ndarray | None,
+    progress=None,
+) -> ChosenThreshold:
+    """Apply ``rule`` to ``model`` with its own test ``scores`` (n,) and ``labels`` (n,) where the rule needs them."""
     from softpatch import metrics
 
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels is not None and 0 < int(np.sum(labels)) < len(labels):
-        return metrics.f1_threshold(labels, scores).threshold, "best F1 on the labelled test images"
-    return float(np.percentile(scores, 95)), "95th percentile of the scores (no labels)"
+    has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    if rule.kind == "f1" and has_both:
+        choice = metrics.f1_threshold(labels, scores)
+        return ChosenThreshold(
+            choice.threshold,
+            f"{THRESHOLD_METHODS['f1']} (middle of the widest best-F1 range, margin {choice.margin:.3f})",
+            True,
+            f1=choice,
+        )
+    if rule.kind == "percentile" and scores is not None:
+        good = scores[labels == 0] if labels is not None and (labels == 0).any() else scores
+        value = metrics.percentile_threshold(good, rule.percentile)
+        return ChosenThreshold(
+            value, f"{rule.percentile:g}th percentile of {len(good)} test scores taken as good", True
+        )
+    if rule.kind == "manual" and rule.value is not None:
+        return ChosenThreshold(float(rule.value), THRESHOLD_METHODS["manual"], False)
+    good = good_image_threshold(session, model, rule, progress)
+    return ChosenThreshold(
+        good.threshold,
+        f"{THRESHOLD_METHODS['good']}: {good.target_fpr:.1%} target, {good.n_images} good images, "
+        f"false-alarm rate at most {good.fpr_upper_bound:.1%} ({good.confidence:.0%} confidence)",
+        False,
+        good=good,
+    )
+
+
+def choose_threshold(session: SessionData, rule: ThresholdRule, detection=None, progress=None) -> ChosenThreshold:
+    """Apply ``rule`` to the session's model and make it *the* threshold (``session.threshold``), which Detect,
+    Deploy, the bundle and the report all use."""
+    soft = detection.softpatch if detection is not None else None
+    chosen = threshold_by_rule(
+        session,
+        session.model,
+        rule,
+        soft.image_scores if soft is not None else None,
+        detection.labels if detection is not None else None,
+        progress,
+    )
+    session.threshold = float(chosen.threshold)
+    session.threshold_method = chosen.method
+    session.threshold_rule = rule
+    return chosen
+
+
+def current_threshold(session: SessionData, progress=None) -> tuple[float, str]:
+    """The session's one threshold and how it was chosen; the first time, the default rule (from good
+    training images alone, 1% false alarms), which needs no labelled defect and leaks no test image."""
+    rule = session.threshold_rule
+    if session.threshold is None or (isinstance(rule, ThresholdRule) and rule.kind == "good"):
+        # "good" follows the Review page's marks (memoised: instant while they are unchanged).
+        choose_threshold(session, rule if isinstance(rule, ThresholdRule) else ThresholdRule(), None, progress)
+    return float(session.threshold), session.threshold_method
+
+
+def threshold_chosen_on_test(session: SessionData) -> bool:
+    """Whether the session's threshold was fitted on the test images (best F1, test percentile): figures on
+    those images are then in-sample."""
+    rule = session.threshold_rule
+    return isinstance(rule, ThresholdRule) and rule.kind in ("f1", "percentile")
+
+
+def cli_score_command(bundle_name: str, images: str = "IMAGES_OR_FOLDER") -> list[str]:
+    """The ``softpatch score`` command line for a downloaded bundle, checked against the real CLI parser
+    (``softpatch.cli.build_parser``), so the page never shows a command that fails to parse."""
+    from softpatch.cli import build_parser
+
+    argv = ["score", bundle_name, images, "--json"]
+    build_parser().parse_args(argv)  # exits with a usage error if the CLI changed under us
+    return ["softpatch", *argv]
+
+
+def baseline_threshold(session: SessionData, detection, progress=None) -> ChosenThreshold:
+    """The PatchCore comparison's own threshold by the rule that chose SoftPatch's (a hand-set value does not
+    carry over between models: PatchCore then gets the default rule, and the method says so)."""
+    rule = session.threshold_rule if isinstance(session.threshold_rule, ThresholdRule) else ThresholdRule()
+    if rule.kind == "manual":
+        rule = ThresholdRule(target_fpr=rule.target_fpr, exclude_top=rule.exclude_top)
+    base = detection.patchcore
+    return threshold_by_rule(
+        session, baseline(session), rule, base.image_scores if base is not None else None, detection.labels, progress
+    )
 
 
 @dataclass

@@ -54,6 +54,8 @@ class SessionData:
     # deploy
     threshold: float | None = None
     threshold_method: str = ""
+    threshold_rule: Any = None  # softpatch_app.services.ThresholdRule that gave ``threshold``
+    threshold_memo: dict = field(default_factory=dict)  # (model settings, exclusions, target) -> GoodImageThreshold
     notices: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
     upload_counter: int = 0
 
@@ -94,6 +96,8 @@ class SessionData:
         self.model_data_version = -1
         self.threshold = None
         self.threshold_method = ""
+        self.threshold_rule = None
+        self.threshold_memo.clear()
 
     @property
     def model_is_current(self) -> bool:
