@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
+from softpatch.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.errors import SoftPatchError
 
 # Which settings each command offers, by group; every option is derived from the settings' declaration.
@@ -105,6 +106,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
 
 
@@ -282,7 +293,44 @@ def _cmd_vet(args: argparse.Namespace) -> int:
             writer.writerows(rows)
     for row in rows:
         print(f"{row['rank']:4d}  {row['suspicion']:8.3f}  {row['removed_fraction'] * 100:5.1f}%  {row['path']}")
+    _print_duplicates(model, records, args)
     return 0
+
+
+def _test_images(path: str) -> list:
+    """A test folder's images: its test split when it is in MVTec AD layout, else every image under it."""
+    from softpatch.data import load_mvtec
+    from softpatch.errors import DataError
+
+    try:
+        dataset = load_mvtec(path)
+    except DataError:
+        return _training_images(path)
+    return dataset.test.records
+
+
+def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
+    """Exact and near duplicates within the training folder and, with --test-dir, leaks into the test set."""
+    from softpatch.duplicates import find_duplicates
+
+    test = _test_images(args.test_dir) if args.test_dir else []
+    test_features = model.embed(test, progress=_progress(args.quiet)).features if test else None
+    found = find_duplicates(
+        [r.path for r in records],
+        [r.path for r in test],
+        train_features=model.train_features_,
+        test_features=test_features,
+        grid=model.grid_shape_,
+        near_ratio=args.near_ratio,
+        progress=_progress(args.quiet),
+    )
+    print(f"duplicates: {found.summary()}")
+    for group in found.groups:
+        where = "leak " if group.leaks else "train"
+        others = f"  =  test: {', '.join(group.test)}" if group.test else ""
+        print(f"  {group.kind:5s}  {where}  {', '.join(group.train)}{others}")
+    for name in found.unreadable:
+        print(f"skipped {name}: cannot be decoded for the duplicate check", file=sys.stderr)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -345,6 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     vet = commands.add_parser("vet", help="rank training images by how likely they are defective")
     vet.add_argument("train_dir")
     vet.add_argument("--csv", default=None, help="write rank,path,suspicion,removed_fraction to this file")
+    vet.add_argument(
+        "--test-dir",
+        default=None,
+        help="also report test images that are (near) copies of training images: leakage (an MVTec AD folder "
+        "contributes its test split)",
+    )
+    vet.add_argument(
+        "--near-ratio",
+        type=_nonnegative,
+        default=DEFAULT_NEAR_RATIO,
+        metavar="R",
+        help="near duplicates: closer than R times the typical distance between neighbouring training images "
+        f"(default: {DEFAULT_NEAR_RATIO}; 0 = identical pixels only)",
+    )
     _add_backbone_options(vet)
     _add_denoise_options(vet)
     vet.set_defaults(run=_cmd_vet)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from softpatch.errors import ThresholdError
-from softpatch.metrics import rate_interval
 from softpatch.progress import ProgressCallback, report
 
 __all__ = [
@@ -93,6 +92,8 @@ def fpr_upper_bound(n_flagged: int, n_images: int, confidence: float = DEFAULT_C
         raise ThresholdError(f"flagged images must be between 0 and {n_images}, got {n_flagged}")
     if not 0.0 < confidence < 1.0:
         raise ThresholdError(f"confidence must be between 0 and 1, got {confidence}")
+    from softpatch.metrics import rate_interval  # scipy and scikit-learn: only when needed
+
     return rate_interval(n_flagged, n_images, confidence, upper_only=True)[1]
 
 

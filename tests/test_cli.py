@@ -210,7 +210,31 @@ def test_vet_csv(tmp_path: Path, synthetic_set: SyntheticSet) -> None:
     skipped = dict(skipped_lines(stderr))
     assert set(skipped) == {"readme.txt", "cut.png"}
     assert all(reason for reason in skipped.values())
-    assert len(stdout.splitlines()) == len(body)
+    assert len(stdout.splitlines()) == len(body) + 1  # the ranking, then the duplicates line
+    assert stdout.splitlines()[-1].startswith("duplicates: 0 of 0 test images are also in the training folder; 0 ")
+
+
+def test_vet_reports_duplicates_and_leaks(tmp_path: Path, synthetic_set: SyntheticSet) -> None:
+    train = tmp_path / "train"
+    shutil.copytree(synthetic_set.train_dir, train)
+    shutil.copy(train / "004.png", train / "004_again.png")
+    test = tmp_path / "test"
+    test.mkdir()
+    for path in synthetic_set.test_good:
+        shutil.copy(path, test / path.name)
+    shutil.copy(train / "003.png", test / "leak.png")  # a planted defect, also in the test folder
+    torch.manual_seed(0)
+    code, stdout, stderr = run(["vet", str(train), "--test-dir", str(test), *SMALL])
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("duplicates: "))
+    n_test = len(synthetic_set.test_good) + 1
+    assert lines[start] == (
+        f"duplicates: 1 of {n_test} test images are also in the training folder; 1 training images repeat another "
+        "(1 groups); checked by identical pixels and features"
+    )
+    assert lines[start + 1].split() == ["exact", "leak", str(train / "003.png"), "=", "test:", str(test / "leak.png")]
+    assert lines[start + 2].split() == ["exact", "train", f"{train / '004.png'},", str(train / "004_again.png")]
 
 
 # ---------------------------------------------------------------- bench
@@ -279,6 +303,8 @@ def _bad_calls(train: str, out: str, bundle: str, mvtec: str, junk: dict[str, Pa
         "threshold-fpr-text": [*fit, "--threshold-fpr", "often"],
         "threshold-folds-1": [*fit, "--threshold-fpr", "0.01", "--threshold-folds", "1"],
         "threshold-exclude-all": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude-top", "99"],
+        "vet-near-ratio-negative": ["vet", train, *SMALL, "--near-ratio", "-1"],
+        "vet-missing-test-dir": ["vet", train, *SMALL, "--test-dir", f"{tmp}/missing"],
         "fit-missing-folder": ["fit", f"{tmp}/missing", "-o", out, *SMALL],
         "fit-file-as-folder": ["fit", str(junk["broken"]), "-o", out, *SMALL],
         "fit-junk-only-folder": ["fit", str(junk["only_junk"]), "-o", out, *SMALL],
@@ -407,7 +433,9 @@ def test_hostile_corpus_through_vet_fit_and_score(
     skipped = skipped_lines(stderr)
     problems = check_scan(cases, root, used, skipped)
     assert not problems, "\n".join(problems)
-    assert len(stdout.splitlines()) == len(rows)
+    lines = stdout.splitlines()
+    ranking_end = next(i for i, line in enumerate(lines) if line.startswith("duplicates: "))
+    assert ranking_end == len(rows)  # one line per ranked image, then the duplicate check
 
     # fit + score over the same folder
     bundle = outputs / "hostile.softpatch"
