@@ -191,8 +191,27 @@ st.caption(
 # ----------------------------------------------------------------------------------------------- metrics
 if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detection.labels):
     st.subheader("How well are defects found?")
+    leaked = np.zeros(len(detection.names), dtype=bool)
+    with user_errors("check the test images for leakage"):
+        leaked = services.leaked_mask(session, detection)
+    exclude = leaked.copy()
+    if leaked.any():
+        keep_out = st.toggle(
+            f"Leave out the {int(leaked.sum())} test images that are also in the training folder",
+            value=True,
+            key="dt_leak",
+            help="A test image that is also a training image scores as if it were good: its own patches are in the "
+            "memory bank. The Data page lists them.",
+        )
+        if keep_out:
+            st.caption(f"Metrics on {int((~leaked).sum())} of {len(leaked)} images (leaked copies left out).")
+        else:
+            exclude[:] = False
+            st.warning(
+                "These metrics include test images that are also in training (leakage).", icon=":material/warning:"
+            )
     with user_errors("compute the metrics"), st.spinner("Computing metrics…"):
-        table = services.evaluate(detection, transform)
+        table = services.evaluate(detection, transform, exclude=exclude)
 
     def fmt(v) -> str:
         return f"{v:.3f}" if isinstance(v, float) else f"n/a ({v})"
@@ -203,26 +222,32 @@ if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detect
         "AUROC: 1.0 = every defective image scores above every good one, 0.5 = chance. Pixel AUROC and AUPRO "
         "measure how well the heatmaps cover the masked defect regions."
     )
+    kept = ~exclude
     curves = {
-        "SoftPatch": (*services.roc_points(detection.labels, soft.image_scores), table["SoftPatch"]["image AUROC"])
+        "SoftPatch": (
+            *services.roc_points(detection.labels[kept], soft.image_scores[kept]),
+            table["SoftPatch"]["image AUROC"],
+        )
     }
     if base is not None:
         curves["PatchCore"] = (
-            *services.roc_points(detection.labels, base.image_scores),
+            *services.roc_points(detection.labels[kept], base.image_scores[kept]),
             table["PatchCore"]["image AUROC"],
         )
     curves = {k: v for k, v in curves.items() if isinstance(v[2], float)}
     a, b = st.columns(2)
     with a:
         st.plotly_chart(
-            plots.score_histogram(soft.image_scores, detection.labels, threshold=threshold, title="SoftPatch scores"),
+            plots.score_histogram(
+                soft.image_scores[kept], detection.labels[kept], threshold=threshold, title="SoftPatch scores"
+            ),
             key="dt_hist_soft",
         )
     if base is not None:
         with b:
             st.plotly_chart(
                 plots.score_histogram(
-                    base.image_scores, detection.labels, threshold=base_threshold, title="PatchCore scores"
+                    base.image_scores[kept], detection.labels[kept], threshold=base_threshold, title="PatchCore scores"
                 ),
                 key="dt_hist_base",
             )

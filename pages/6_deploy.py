@@ -54,6 +54,16 @@ else:
 
 scores = detection.softpatch.image_scores if detection is not None else None
 labels = detection.labels if detection is not None else None
+if detection is not None:
+    with user_errors("check the test images for leakage"):
+        leaked = services.leaked_mask(session, detection)
+        if leaked.any():  # copies of training images score like good ones: they would flatter every figure
+            scores = scores[~leaked]
+            labels = labels[~leaked] if labels is not None else None
+            st.caption(
+                f"{int(leaked.sum())} test images that are also in the training folder are left out of every figure "
+                "here (see the Data page)."
+            )
 has_both = labels is not None and 0 < int(labels.sum()) < len(labels)
 
 methods = ["good", "f1", "percentile", "manual"]
@@ -90,7 +100,8 @@ if method == "good":
         max(0, len(model.train_names_) - 2),
         0,
         key="dp_exclude_top",
-        help="Images marked defective on the Review page are always left out; this leaves out more, by suspicion.",
+        help="Images marked defective on the Review page, and copies of defective test images, are always left "
+        "out; this leaves out more, by suspicion.",
     )
     rule = services.ThresholdRule(kind="good", target_fpr=target / 100, exclude_top=int(top))
 elif method == "percentile":

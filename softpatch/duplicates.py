@@ -59,6 +59,12 @@ class DuplicateReport:
     n_train: int
     n_test: int
     unreadable: list[str] = field(default_factory=list)  # images whose pixels could not be hashed
+    checked_test_features: bool = False  # whether test images were compared by features too
+
+    @property
+    def complete(self) -> bool:
+        """Whether every image was compared by pixels and by features."""
+        return self.checked_features and (self.n_test == 0 or self.checked_test_features)
 
     @property
     def within_train(self) -> list[DuplicateGroup]:
@@ -78,7 +84,13 @@ class DuplicateReport:
     def summary(self) -> str:
         """One sentence: how many leaked test images and repeated training images were found."""
         repeats = sum(len(g.train) - 1 for g in self.within_train)
-        how = "identical pixels and features" if self.checked_features else "identical pixels only"
+        how = (
+            "identical pixels and features"
+            if self.complete
+            else "identical pixels and training features"
+            if self.checked_features
+            else "identical pixels only"
+        )
         return (
             f"{len(self.leaked_test)} of {self.n_test} test images are also in the training folder; "
             f"{repeats} training images repeat another ({len(self.within_train)} groups); checked by {how}"
@@ -225,4 +237,12 @@ def find_duplicates(
         )
     found.sort(key=lambda g: (not g.leaks, g.kind != "exact", g.train[0]))
     report(progress, 1.0, f"duplicates: {len(found)} groups found")
-    return DuplicateReport(found, float(near_ratio), checked, n_train, len(test), unreadable)
+    return DuplicateReport(
+        found,
+        float(near_ratio),
+        checked,
+        n_train,
+        len(test),
+        unreadable,
+        checked_test_features=checked and test_features is not None and len(test) > 0,
+    )

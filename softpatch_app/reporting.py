@@ -45,6 +45,10 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             f"Demo data: SoftPatch ranked {len(top & session.demo.contaminant_names)} of the {k} planted defective "
             f"training images in its top {k}."
         )
+    found = services.duplicates(session, progress)
+    if found is not None:
+        content.duplicates_summary = found.summary()
+        content.duplicates = found.rows()
     geom = geometry(model)
     vrange = score_range(vet.outlier_scores)
     for rank, i in enumerate(vet.ranking[:6], start=1):
@@ -102,7 +106,13 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             content.heatmaps.append(ReportImage(caption, images))
         labels = detection.labels
         if labels is not None and 0 < int(labels.sum()) < len(labels):
-            table = services.evaluate(detection, model.transform_)
+            leaked = services.leaked_mask(session, detection)
+            table = services.evaluate(detection, model.transform_, exclude=leaked)
+            if leaked.any():
+                content.notes.append(
+                    f"Detection quality leaves out the {int(leaked.sum())} test images that are also in the training "
+                    "folder (leakage): " + ", ".join(detection.names[i] for i in np.flatnonzero(leaked)) + "."
+                )
             content.metrics = {name: {k: _fmt(v) for k, v in row.items()} for name, row in table.items()}
             curves = {
                 name: (*services.roc_points(labels, r.image_scores), table[name]["image AUROC"])
@@ -116,7 +126,10 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             from softpatch import metrics
 
             point = metrics.operating_point(
-                labels, soft.image_scores, threshold, chosen_here=services.threshold_chosen_on_test(session)
+                labels[~leaked],
+                soft.image_scores[~leaked],
+                threshold,
+                chosen_here=services.threshold_chosen_on_test(session),
             )
             conf = point.confusion
             content.figures.append(("Confusion matrix", plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn)))

@@ -146,7 +146,8 @@ class Detection:
     mask_paths: list[str | None]
     softpatch: object  # ScoreResult
     patchcore: object | None  # ScoreResult
-    metrics: dict = field(default_factory=dict)  # model name -> {metric: value or message}, filled lazily
+    # excluded image indices -> model name -> {metric: value or message}, filled lazily
+    metrics: dict = field(default_factory=dict)
 
 
 def detection_key(session: SessionData, records, compare: bool) -> tuple:
@@ -214,22 +215,75 @@ def pixel_subset(detection: Detection) -> np.ndarray:
     return (detection.labels == 0) | has_mask
 
 
-def evaluate(detection: Detection, transform) -> dict[str, dict[str, object]]:
-    """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model; a metric that is undefined for
-    this test set is given as a short reason instead of a number."""
+def duplicates(session: SessionData, progress=None):
+    """Exact and near duplicates within the training set and between it and the test set
+    (``softpatch.duplicates.find_duplicates``), memoised per files, model and test features.
+
+    Near copies need features: the fitted model's training features, and the test features once the test
+    set has been scored (Detect); until then only identical pixels are compared.
+    """
+    from softpatch.duplicates import find_duplicates
+
+    if session.train is None:
+        return None
+    train = [str(r.path) for r in session.train.records]
+    test = [str(r.path) for r in session.test.records] if session.test is not None else []
+    model = session.model if session.model_is_current else None
+    train_features = test_features = grid = None
+    if model is not None and model._state is not None and model._state.features is not None:
+        if [str(r.path) for r in session.model_records] == train:
+            train_features, grid = model.train_features_, model.grid_shape_
+            if test:
+                key = (feature_token(model.config), tuple(file_token(p) for p in test))
+                emb = session.embed_memo.get(key)
+                test_features = emb.features if emb is not None else None
+    key = (
+        tuple(file_token(p) for p in train),
+        tuple(file_token(p) for p in test),
+        id(train_features),
+        id(test_features),
+    )
+    memo = session.duplicates_memo
+    if key not in memo:
+        memo.clear()  # one report per session: the newest data
+        memo[key] = find_duplicates(
+            train,
+            test,
+            train_features=train_features,
+            test_features=test_features,
+            grid=grid,
+            progress=progress,
+        )
+    return memo[key]
+
+
+def leaked_mask(session: SessionData, detection: Detection) -> np.ndarray:
+    """(n,) True for the scored images that are (near) copies of a training image (leakage)."""
+    report = duplicates(session)
+    leaked = set(report.leaked_test) if report is not None else set()
+    return np.asarray([p in leaked for p in detection.paths], dtype=bool)
+
+
+def evaluate(detection: Detection, transform, exclude: np.ndarray | None = None) -> dict[str, dict[str, object]]:
+    """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model, without the images where
+    ``exclude`` (n,) is True (e.g. leaked test images); a metric that is undefined for this test set is given
+    as a short reason instead of a number."""
     from softpatch import metrics
 
-    if detection.metrics:
-        return detection.metrics
+    keep = np.ones(len(detection.names), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    memo_key = tuple(np.flatnonzero(~keep).tolist())
+    if memo_key in detection.metrics:
+        return detection.metrics[memo_key]
     out: dict[str, dict[str, object]] = {}
     gt = ground_truth(detection, transform)
-    subset = pixel_subset(detection)
+    subset = pixel_subset(detection) & keep
+    labels = detection.labels[keep] if detection.labels is not None else None
     for name, result in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)):
         if result is None:
             continue
         row: dict[str, object] = {}
         try:
-            row["image AUROC"] = metrics.image_auroc(detection.labels, result.image_scores)
+            row["image AUROC"] = metrics.image_auroc(labels, result.image_scores[keep])
         except ValueError as exc:
             row["image AUROC"] = str(exc)
         if gt is not None and result.anomaly_maps is not None and subset.any():
@@ -241,7 +295,7 @@ def evaluate(detection: Detection, transform) -> dict[str, dict[str, object]]:
         else:
             row["pixel AUROC"] = row["AUPRO"] = "no masks"
         out[name] = row
-    detection.metrics = out
+    detection.metrics[memo_key] = out
     return out
 
 
@@ -286,8 +340,16 @@ class ChosenThreshold:
 
 
 def marked_defective(session: SessionData) -> list[str]:
-    """Training image names (as the model knows them) that the user marked defective on the Review page."""
-    return [str(r.path) for r in session.model_records if session.labels.get(r.name) == "defective"]
+    """Training images (names as the model knows them) known to be defective: marked so on the Review page,
+    or copies of a test image labelled defective (found by ``duplicates``)."""
+    marked = {str(r.path) for r in session.model_records if session.labels.get(r.name) == "defective"}
+    if session.test is not None and session.test.labelled:
+        defective_test = {str(r.path) for r in session.test.records if r.label == 1}
+        found = duplicates(session)
+        for group in found.leaking if found is not None else []:
+            if defective_test.intersection(group.test):
+                marked.update(group.train)
+    return [str(r.path) for r in session.model_records if str(r.path) in marked]
 
 
 def good_image_threshold(session: SessionData, model: SoftPatch, rule: ThresholdRule, progress=None):
@@ -359,15 +421,8 @@ def threshold_by_rule(
 def choose_threshold(session: SessionData, rule: ThresholdRule, detection=None, progress=None) -> ChosenThreshold:
     """Apply ``rule`` to the session's model and make it *the* threshold (``session.threshold``), which Detect,
     Deploy, the bundle and the report all use."""
-    soft = detection.softpatch if detection is not None else None
-    chosen = threshold_by_rule(
-        session,
-        session.model,
-        rule,
-        soft.image_scores if soft is not None else None,
-        detection.labels if detection is not None else None,
-        progress,
-    )
+    scores, labels = _test_evidence(session, detection, "softpatch")
+    chosen = threshold_by_rule(session, session.model, rule, scores, labels, progress)
     session.threshold = float(chosen.threshold)
     session.threshold_method = chosen.method
     session.threshold_rule = rule
@@ -407,10 +462,18 @@ def baseline_threshold(session: SessionData, detection, progress=None) -> Chosen
     rule = session.threshold_rule if isinstance(session.threshold_rule, ThresholdRule) else ThresholdRule()
     if rule.kind == "manual":
         rule = ThresholdRule(target_fpr=rule.target_fpr, exclude_top=rule.exclude_top)
-    base = detection.patchcore
-    return threshold_by_rule(
-        session, baseline(session), rule, base.image_scores if base is not None else None, detection.labels, progress
-    )
+    scores, labels = _test_evidence(session, detection, "patchcore")
+    return threshold_by_rule(session, baseline(session), rule, scores, labels, progress)
+
+
+def _test_evidence(session: SessionData, detection, model: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scores, labels) of one model on the scored test images, leaked copies of training images left out."""
+    result = getattr(detection, model, None) if detection is not None else None
+    if result is None:
+        return None, None
+    keep = ~leaked_mask(session, detection)
+    labels = detection.labels[keep] if detection.labels is not None else None
+    return result.image_scores[keep], labels
 
 
 @dataclass

@@ -48,6 +48,7 @@ class SessionData:
     model_records: list = field(default_factory=list)  # the training records the model was fitted on
     results: dict = field(default_factory=dict)  # (model token, files) -> Detection
     embed_memo: dict = field(default_factory=dict)  # (feature token, files) -> Embeddings
+    duplicates_memo: dict = field(default_factory=dict)  # (files, features) -> softpatch.duplicates.DuplicateReport
     # review
     labels: dict[str, str] = field(default_factory=dict)  # training image name -> one of LABELS
     review_pos: int = 0
