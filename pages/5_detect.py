@@ -193,7 +193,9 @@ if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detect
     st.subheader("How well are defects found?")
     leaked = np.zeros(len(detection.names), dtype=bool)
     with user_errors("check the test images for leakage"):
-        leaked = services.leaked_mask(session, detection)
+        bars = StageProgress(st.container())
+        leaked = services.leaked_mask(session, detection, progress=bars)
+        bars.finish()
     exclude = leaked.copy()
     if leaked.any():
         keep_out = st.toggle(
@@ -210,8 +212,10 @@ if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detect
             st.warning(
                 "These metrics include test images that are also in training (leakage).", icon=":material/warning:"
             )
-    with user_errors("compute the metrics"), st.spinner("Computing metrics…"):
-        table = services.evaluate(detection, transform, exclude=exclude)
+    with user_errors("compute the metrics"):
+        bars = StageProgress(st.container())
+        table = services.evaluate(detection, transform, exclude=exclude, progress=bars)
+        bars.finish()
 
     def fmt(v) -> str:
         return f"{v:.3f}" if isinstance(v, float) else f"n/a ({v})"

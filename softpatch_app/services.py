@@ -14,6 +14,7 @@ import numpy as np
 
 from softpatch import SoftPatch
 from softpatch.errors import DataError
+from softpatch.progress import report as report_progress
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.settings import AppSettings
@@ -257,14 +258,16 @@ def duplicates(session: SessionData, progress=None):
     return memo[key]
 
 
-def leaked_mask(session: SessionData, detection: Detection) -> np.ndarray:
+def leaked_mask(session: SessionData, detection: Detection, progress=None) -> np.ndarray:
     """(n,) True for the scored images that are (near) copies of a training image (leakage)."""
-    report = duplicates(session)
-    leaked = set(report.leaked_test) if report is not None else set()
+    found = duplicates(session, progress)
+    leaked = set(found.leaked_test) if found is not None else set()
     return np.asarray([p in leaked for p in detection.paths], dtype=bool)
 
 
-def evaluate(detection: Detection, transform, exclude: np.ndarray | None = None) -> dict[str, dict[str, object]]:
+def evaluate(
+    detection: Detection, transform, exclude: np.ndarray | None = None, progress=None
+) -> dict[str, dict[str, object]]:
     """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model, without the images where
     ``exclude`` (n,) is True (e.g. leaked test images); a metric that is undefined for this test set is given
     as a short reason instead of a number."""
@@ -275,12 +278,13 @@ def evaluate(detection: Detection, transform, exclude: np.ndarray | None = None)
     if memo_key in detection.metrics:
         return detection.metrics[memo_key]
     out: dict[str, dict[str, object]] = {}
+    report_progress(progress, 0.0, "metrics: reading the masks")
     gt = ground_truth(detection, transform)
     subset = pixel_subset(detection) & keep
     labels = detection.labels[keep] if detection.labels is not None else None
-    for name, result in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)):
-        if result is None:
-            continue
+    models = [(n, r) for n, r in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)) if r is not None]
+    for done, (name, result) in enumerate(models):
+        report_progress(progress, done / len(models), f"metrics: {name} image AUROC, pixel AUROC, AUPRO")
         row: dict[str, object] = {}
         try:
             row["image AUROC"] = metrics.image_auroc(labels, result.image_scores[keep])
@@ -295,6 +299,7 @@ def evaluate(detection: Detection, transform, exclude: np.ndarray | None = None)
         else:
             row["pixel AUROC"] = row["AUPRO"] = "no masks"
         out[name] = row
+    report_progress(progress, 1.0, "metrics: done")
     detection.metrics[memo_key] = out
     return out
 
