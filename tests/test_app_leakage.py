@@ -77,8 +77,10 @@ def test_leakage_is_named_left_out_and_the_threshold_agrees(noisy_category: Path
     # The default threshold: from good training images alone, the copied defects left out of it.
     threshold = s.threshold
     assert "good training images alone" in s.threshold_method
-    assert float([m.value for m in at.metric if m.label == "Threshold"][0]) == pytest.approx(threshold, abs=1e-4)
-    good = s.threshold_memo[next(iter(s.threshold_memo))]
+    assert float(next(m.value for m in at.metric if m.label == "Threshold")) == pytest.approx(threshold, abs=1e-4)
+    memo_size = len(s.threshold_memo)
+    good = services.good_image_threshold(s, s.model, services.ThresholdRule())
+    assert len(s.threshold_memo) == memo_size  # the very result Detect used, from the memo
     assert {Path(n).name for n in good.excluded} == {f"copied_{n}" for n in COPIED}
     assert good.n_images == 37 and good.threshold == threshold
     assert np.all(good.scores < threshold)  # 1% of 37 images allows no false alarm among them
@@ -87,4 +89,6 @@ def test_leakage_is_named_left_out_and_the_threshold_agrees(noisy_category: Path
     _clean(at)
     assert at.radio(key="dp_method").value == "good"
     assert s.threshold == threshold
-    assert any(f"{n_leaked} test images that are also in the training folder are left out" in c.value for c in at.caption)
+    assert any(
+        f"{n_leaked} test images that are also in the training folder are left out" in c.value for c in at.caption
+    )
