@@ -153,6 +153,12 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
         help=f"folds of the out-of-sample scoring (default: {DEFAULT_FOLDS})",
     )
     group.add_argument(
+        "--threshold-exclude",
+        action="append",
+        metavar="IMAGE",
+        help="a training image known to be defective (path or file name), left out of the threshold; repeatable",
+    )
+    group.add_argument(
         "--threshold-exclude-top",
         type=_count(0),
         default=0,
@@ -205,6 +211,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             model,
             target_fpr=args.threshold_fpr,
             folds=args.threshold_folds,
+            exclude=_known_defective(records, args.threshold_exclude or []),
             exclude_most_suspicious=args.threshold_exclude_top,
             progress=_progress(args.quiet),
         )
@@ -218,6 +225,21 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if chosen is not None:
         print(chosen.summary())
     return 0
+
+
+def _known_defective(records: list, given: Sequence[str]) -> list[str]:
+    """Training image names (``str(path)``) matching the given paths or file names; one error for any unknown."""
+    by_name: dict[str, list[str]] = {}
+    for r in records:
+        for key in (str(r.path), Path(r.path).name, str(Path(r.path).resolve())):
+            by_name.setdefault(key, []).append(str(r.path))
+    out: list[str] = []
+    for item in given:
+        found = by_name.get(item) or by_name.get(str(Path(item).resolve()))
+        if not found:
+            raise SoftPatchError(f"--threshold-exclude {item}: no such image in the training folder")
+        out.extend(found)
+    return out
 
 
 def _score_inputs(paths: Sequence[str]) -> list:

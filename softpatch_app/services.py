@@ -282,7 +282,9 @@ def evaluate(
     gt = ground_truth(detection, transform)
     subset = pixel_subset(detection) & keep
     labels = detection.labels[keep] if detection.labels is not None else None
-    models = [(n, r) for n, r in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)) if r is not None]
+    models = [
+        (n, r) for n, r in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)) if r is not None
+    ]
     for done, (name, result) in enumerate(models):
         report_progress(progress, done / len(models), f"metrics: {name} image AUROC, pixel AUROC, AUPRO")
         row: dict[str, object] = {}

@@ -132,13 +132,17 @@ def test_fit_with_a_false_alarm_target_stores_the_threshold_from_good_images(
 ) -> None:
     bundle = tmp_path / "thr.softpatch"
     torch.manual_seed(0)
-    options = ["--threshold-fpr", "0.01", "--threshold-folds", "4", "--threshold-exclude-top", "2"]
     assert len(synthetic_set.defective) == 2
+    first = synthetic_set.train[synthetic_set.defective[0]]
+    # One known by its file name, the other found as the most suspicious remaining image.
+    options = ["--threshold-fpr", "0.01", "--threshold-folds", "4", "--threshold-exclude", first.name]
+    options += ["--threshold-exclude-top", "1"]
     code, stdout, stderr = run(["fit", str(synthetic_set.train_dir), "-o", str(bundle), *SMALL, *options])
     assert code == 0, stderr
     summary = stdout.splitlines()[-1]
     n_good = len(synthetic_set.train) - len(synthetic_set.defective)
     assert f"0 of {n_good} good images flagged out of sample" in summary and "with 95% confidence" in summary
+    assert "2 images excluded" in summary  # the named one and the most suspicious other (the second defect)
     code, stdout, _ = run(["score", str(bundle), *map(str, synthetic_set.test), "--json"])
     document = json.loads(stdout)
     assert f"threshold {document['threshold']:.4f}" in summary  # the bundle carries the threshold printed
@@ -302,6 +306,7 @@ def _bad_calls(train: str, out: str, bundle: str, mvtec: str, junk: dict[str, Pa
         "threshold-fpr-1": [*fit, "--threshold-fpr", "1"],
         "threshold-fpr-text": [*fit, "--threshold-fpr", "often"],
         "threshold-folds-1": [*fit, "--threshold-fpr", "0.01", "--threshold-folds", "1"],
+        "threshold-exclude-unknown": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude", "nope.png"],
         "threshold-exclude-all": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude-top", "99"],
         "vet-near-ratio-negative": ["vet", train, *SMALL, "--near-ratio", "-1"],
         "vet-missing-test-dir": ["vet", train, *SMALL, "--test-dir", f"{tmp}/missing"],

@@ -39,7 +39,10 @@ def test_without_maps_there_is_no_map_stage(fitted, eval_embeddings) -> None:
     messages, progress = _recorder()
     fitted.score(eval_embeddings, with_maps=False, progress=progress)
     assert not any(m.startswith("maps: ") for _, m in messages)
-    assert messages[-1] == (1.0, f"scoring: nearest-neighbour search, {len(eval_embeddings)}/{len(eval_embeddings)} images")
+    assert messages[-1] == (
+        1.0,
+        f"scoring: nearest-neighbour search, {len(eval_embeddings)}/{len(eval_embeddings)} images",
+    )
 
 
 def test_app_metrics_report_progress(fitted, eval_embeddings, synthetic_set) -> None:
