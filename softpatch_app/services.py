@@ -103,6 +103,38 @@ def vetting(session: SessionData) -> Vetting:
     )
 
 
+def removed_explanation(vet: Vetting, i: int, tau: float, tau_scope: str) -> str:
+    """Plain words on image ``i``'s removed patches: its share against the typical image's, and why nearly
+    every image loses some under a global tau."""
+    share = float(vet.removed_fraction[i])
+    typical = float(np.median(vet.removed_fraction))
+    ratio = share / typical if typical > 0 else float("inf") if share > 0 else 1.0
+    compare = (
+        "about as many as a typical image"
+        if 0.67 <= ratio <= 1.5
+        else f"{ratio:.1f}x the typical image's share"
+        if ratio > 1.5
+        else "fewer than a typical image"
+    )
+    if tau_scope == "global":
+        why = (
+            f"Tau cuts the {tau:.0%} most outlying patches of all images together, so nearly every image loses a few "
+            "(edges, reflections, texture that happens to be rare); what points to a defect is an image losing far "
+            "more than the typical one, in one place. The per-position cut removes the top tau at every position "
+            "instead, so each region keeps the same share and a defect stands out only against its own position."
+        )
+    else:
+        why = (
+            f"Tau removes the {tau:.0%} most outlying patches at every position, so every position loses the same share "
+            "across the images; an image losing far more than the typical one is unusual in many places. The global "
+            "cut would take the top tau of all patches together instead."
+        )
+    return (
+        f"{share:.1%} of this image's patches were removed, {compare} (median {typical:.1%}). {why} The heatmap shows "
+        "each patch's outlier score; the outlined squares are the removed ones."
+    )
+
+
 def embeddings(session: SessionData, model: SoftPatch, paths: Sequence[str], progress=None):
     """Test features via ``model.embed``, memoised per session by feature settings and file content.
 

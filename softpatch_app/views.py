@@ -76,3 +76,12 @@ def detection_overlay(
         if region.any():
             out = draw_outline(out, region)
     return out
+
+
+def outlier_with_removed(
+    path: str, scores_grid: np.ndarray, removed_grid: np.ndarray, geom: Geometry, vrange: tuple[float, float]
+) -> Image.Image:
+    """The outlier-score heatmap with the removed patches outlined on it (one picture, the scores first)."""
+    heat = outlier_heatmap(path, scores_grid, geom, vrange)
+    mask = geom.grid_mask_to_original(removed_grid, heat.size)
+    return draw_outline(heat, mask) if mask.any() else heat
