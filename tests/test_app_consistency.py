@@ -84,3 +84,28 @@ def test_the_cli_line_parses_with_the_real_parser() -> None:
     assert line[:3] == ["softpatch", "score", "model-1.softpatch"]
     args = build_parser().parse_args(line[1:])
     assert args.bundle == "model-1.softpatch" and args.json
+
+
+@pytest.mark.parametrize(("colour_by", "n_images"), [("status", 3), ("weight", 3), ("image", 3), ("image", 40)])
+def test_coreset_map_selects_on_click_and_names_every_point(colour_by: str, n_images: int) -> None:
+    from softpatch_app.plots import coreset_scatter
+
+    n = 120
+    rng = np.random.default_rng(0)
+    sources = [f"img{i % n_images}.png" for i in range(n)]
+    fig = coreset_scatter(
+        rng.normal(size=(n, 2)),
+        colour_by=colour_by,
+        removed=np.arange(n) % 5 == 0,
+        weights=rng.uniform(size=n),
+        sources=sources,
+        rows=np.zeros(n, int),
+        cols=np.zeros(n, int),
+        in_bank=np.arange(n) % 5 != 0,
+    )
+    assert "select" in fig.layout.clickmode
+    assert sum(len(t.x) for t in fig.data) == n
+    for trace in fig.data:
+        assert "%{customdata[1]}" in trace.hovertemplate  # the source image, whatever the colouring
+    if colour_by == "image" and n_images <= 24:
+        assert sorted(t.name for t in fig.data) == sorted(set(sources))  # a legend entry per image
