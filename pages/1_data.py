@@ -14,7 +14,7 @@ from softpatch.data import ImageFolder, ImageRecord, SkippedFile, scan_images
 from softpatch.errors import DataError, SoftPatchError
 from softpatch.images import load_image
 from softpatch.paths import ReadScope, is_within
-from softpatch_app import loading
+from softpatch_app import loading, services
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors
 from softpatch_app.state import SessionData, environment, get_session, load_shared_demo, server_paths
@@ -333,6 +333,37 @@ with tab_test:
         st.rerun()
 
 if session.train is not None:
+    st.subheader("Duplicates and leakage")
+    with user_errors("check for duplicates"), st.spinner("Comparing images…"):
+        found = services.duplicates(session)
+    if found is not None:
+        if found.leaking:
+            st.warning(
+                f"**Leakage: {len(found.leaked_test)} test images are also in the training folder.** Metrics on them "
+                "are meaningless (their own patches are in the memory bank), so Detect leaves them out by default: "
+                + ", ".join(name.rsplit("/", 1)[-1] for name in found.leaked_test[:12])
+                + (" …" if len(found.leaked_test) > 12 else ""),
+                icon=":material/warning:",
+            )
+        if found.within_train:
+            st.warning(
+                f"**{len(found.within_train)} groups of repeated training images.** A repeated defective image makes "
+                "its own patches look dense and can escape the noise discriminator.",
+                icon=":material/content_copy:",
+            )
+        if found.groups:
+            st.dataframe(pd.DataFrame(found.rows()), hide_index=True, width="stretch", key="data_duplicates")
+        else:
+            st.caption("No duplicate found.")
+        st.caption(
+            found.summary()
+            + (
+                "."
+                if found.complete
+                else ". Near copies are compared by features once a model is fitted (Denoise) and, for the test "
+                "set, once it is scored (Detect)."
+            )
+        )
     st.subheader("Training set")
     with user_errors("show the training set"):
         show_split(session.train, "train")

@@ -23,7 +23,7 @@ from softpatch_app.settings import (
 )
 from softpatch_app.state import SessionData, get_session, server_paths
 from softpatch_app.ui import PAGES, need_data, show_notices
-from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
+from softpatch_app.views import geometry, outlier_with_removed, removed_overlay, score_range
 
 session: SessionData = get_session()
 
@@ -308,13 +308,14 @@ def enlarge(i: int) -> None:
     )
     a, b = st.columns(2)
     with a:
-        st.image(removed_overlay(vet.paths[i], removed[i], geom), caption="Removed patches (red)", width="stretch")
-    with b:
         st.image(
-            outlier_heatmap(vet.paths[i], vet.outlier_scores[i], geom, vrange),
-            caption="Patch outlier score (blue low → red high)",
+            outlier_with_removed(vet.paths[i], vet.outlier_scores[i], removed[i], geom, vrange),
+            caption="Patch outlier score (blue low → red high); removed patches outlined",
             width="stretch",
         )
+    with b:
+        st.image(removed_overlay(vet.paths[i], removed[i], geom), caption="Removed patches (red)", width="stretch")
+    st.caption(services.removed_explanation(vet, i, model.config.tau, model.config.tau_scope))
 
 
 order = vet.ranking[: min(int(n_show), n_images)]

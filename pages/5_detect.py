@@ -102,12 +102,11 @@ soft, base = detection.softpatch, detection.patchcore
 transform = model.transform_
 
 # ----------------------------------------------------------------------------------------------- controls
-default, why = services.default_threshold(detection.labels, soft.image_scores)
-if session.threshold is not None:
-    default, why = session.threshold, f"chosen on the Deploy page ({session.threshold_method})"
-lo = float(min(soft.image_scores.min(), default))
-hi = float(max(soft.image_scores.max(), default))
-span = hi - lo if hi > lo else 1.0
+with user_errors("set the threshold"):
+    bars = StageProgress(st.container())
+    threshold, why = services.current_threshold(session, progress=bars)
+    base_choice = services.baseline_threshold(session, detection, progress=bars) if base is not None else None
+    bars.finish()
 c1, c2, c3 = st.columns([2, 1.3, 1.3])
 order = np.argsort(-soft.image_scores, kind="stable")
 
@@ -127,22 +126,17 @@ pick = c1.selectbox(
     help="Sorted by SoftPatch score, most anomalous first.",
 )
 alpha = c2.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="dt_alpha", help="0 shows the photo only.")
-threshold = c3.slider(
-    "Threshold (outline)",
-    lo - 0.05 * span,
-    hi + 0.05 * span,
-    float(default),
-    key=f"dt_thr_{round(default, 6)}",
-    help=f"Regions scoring above this are outlined in yellow and images above it are called defective. "
-    f"Starts at: {why}.",
+c3.metric(
+    "Threshold",
+    f"{threshold:.4f}",
+    help=f"The one threshold of this session, used here, on the Deploy page, in the bundle and the report: {why}. "
+    "Change it on the Deploy page.",
 )
 
 # ----------------------------------------------------------------------------------------------- side by side
 maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
 vrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
-base_threshold = None
-if base is not None:
-    base_threshold, _ = services.default_threshold(detection.labels, base.image_scores)
+base_threshold = base_choice.threshold if base_choice is not None else None
 
 i = int(pick)
 cols = st.columns(3 if base is not None else 2)
@@ -157,7 +151,13 @@ with cols[1], user_errors("draw the SoftPatch heatmap"):
     verdict = "DEFECTIVE" if soft.image_scores[i] >= threshold else "good"
     st.image(
         detection_overlay(
-            detection.paths[i], soft.anomaly_maps[i], transform, alpha=alpha, vrange=vrange, threshold=threshold
+            detection.paths[i],
+            soft.anomaly_maps[i],
+            transform,
+            alpha=alpha,
+            vrange=vrange,
+            threshold=threshold,
+            image_score=float(soft.image_scores[i]),
         ),
         caption=f"SoftPatch · score {soft.image_scores[i]:.2f} → {verdict}",
         width="stretch",
@@ -173,20 +173,50 @@ if base is not None:
                 alpha=alpha,
                 vrange=vrange,
                 threshold=base_threshold,
+                image_score=float(base.image_scores[i]),
             ),
             caption=f"PatchCore · score {base.image_scores[i]:.2f} → {verdict}",
             width="stretch",
         )
 st.caption(
     "Both heatmaps use one colour scale (blue = like the good training patches, red = unlike). Yellow outlines: "
-    "regions over the threshold (PatchCore uses its own best-F1 / 95th-percentile threshold)."
+    "the region around the highest scores of every image called defective."
+    + (
+        f" PatchCore has its own threshold, {base_threshold:.4f}, set by the same rule ({base_choice.method}): "
+        "the two models' scores are on different scales."
+        if base_choice is not None
+        else ""
+    )
 )
 
 # ----------------------------------------------------------------------------------------------- metrics
 if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detection.labels):
     st.subheader("How well are defects found?")
-    with user_errors("compute the metrics"), st.spinner("Computing metrics…"):
-        table = services.evaluate(detection, transform)
+    leaked = np.zeros(len(detection.names), dtype=bool)
+    with user_errors("check the test images for leakage"):
+        bars = StageProgress(st.container())
+        leaked = services.leaked_mask(session, detection, progress=bars)
+        bars.finish()
+    exclude = leaked.copy()
+    if leaked.any():
+        keep_out = st.toggle(
+            f"Leave out the {int(leaked.sum())} test images that are also in the training folder",
+            value=True,
+            key="dt_leak",
+            help="A test image that is also a training image scores as if it were good: its own patches are in the "
+            "memory bank. The Data page lists them.",
+        )
+        if keep_out:
+            st.caption(f"Metrics on {int((~leaked).sum())} of {len(leaked)} images (leaked copies left out).")
+        else:
+            exclude[:] = False
+            st.warning(
+                "These metrics include test images that are also in training (leakage).", icon=":material/warning:"
+            )
+    with user_errors("compute the metrics"):
+        bars = StageProgress(st.container())
+        table = services.evaluate(detection, transform, exclude=exclude, progress=bars)
+        bars.finish()
 
     def fmt(v) -> str:
         return f"{v:.3f}" if isinstance(v, float) else f"n/a ({v})"
@@ -197,26 +227,32 @@ if detection.labels is not None and 0 < int(detection.labels.sum()) < len(detect
         "AUROC: 1.0 = every defective image scores above every good one, 0.5 = chance. Pixel AUROC and AUPRO "
         "measure how well the heatmaps cover the masked defect regions."
     )
+    kept = ~exclude
     curves = {
-        "SoftPatch": (*services.roc_points(detection.labels, soft.image_scores), table["SoftPatch"]["image AUROC"])
+        "SoftPatch": (
+            *services.roc_points(detection.labels[kept], soft.image_scores[kept]),
+            table["SoftPatch"]["image AUROC"],
+        )
     }
     if base is not None:
         curves["PatchCore"] = (
-            *services.roc_points(detection.labels, base.image_scores),
+            *services.roc_points(detection.labels[kept], base.image_scores[kept]),
             table["PatchCore"]["image AUROC"],
         )
     curves = {k: v for k, v in curves.items() if isinstance(v[2], float)}
     a, b = st.columns(2)
     with a:
         st.plotly_chart(
-            plots.score_histogram(soft.image_scores, detection.labels, threshold=threshold, title="SoftPatch scores"),
+            plots.score_histogram(
+                soft.image_scores[kept], detection.labels[kept], threshold=threshold, title="SoftPatch scores"
+            ),
             key="dt_hist_soft",
         )
     if base is not None:
         with b:
             st.plotly_chart(
                 plots.score_histogram(
-                    base.image_scores, detection.labels, threshold=base_threshold, title="PatchCore scores"
+                    base.image_scores[kept], detection.labels[kept], threshold=base_threshold, title="PatchCore scores"
                 ),
                 key="dt_hist_base",
             )
@@ -247,6 +283,7 @@ for start in range(0, len(top), per_row):
                 alpha=alpha,
                 vrange=vrange,
                 threshold=threshold,
+                image_score=float(soft.image_scores[k]),
                 px=220,
             )
             st.image(thumbnail(img, 220), caption=describe(k), width="stretch")

@@ -53,94 +53,146 @@ if session.test is not None:
                 bars.finish()
 else:
     st.info(
-        "No test set is loaded: the threshold can only be set by hand. Load a labelled test folder on the Data "
-        "page to choose it by F1 or from known-good images."
+        "No test set is loaded: the threshold comes from the good training images alone (or by hand). Load a "
+        "labelled test folder on the Data page to see its false alarms and misses there."
     )
 
 scores = detection.softpatch.image_scores if detection is not None else None
 labels = detection.labels if detection is not None else None
+if detection is not None:
+    with user_errors("check the test images for leakage"):
+        leaked = services.leaked_mask(session, detection)
+        if leaked.any():  # copies of training images score like good ones: they would flatter every figure
+            scores = scores[~leaked]
+            labels = labels[~leaked] if labels is not None else None
+            st.caption(
+                f"{int(leaked.sum())} test images that are also in the training folder are left out of every figure "
+                "here (see the Data page)."
+            )
 has_both = labels is not None and 0 < int(labels.sum()) < len(labels)
-has_good = labels is not None and int((labels == 0).sum()) > 0
 
-methods = ["f1", "percentile", "manual"]
+methods = ["good", "f1", "percentile", "manual"]
 if not has_both:
     methods.remove("f1")
 if scores is None:
     methods.remove("percentile")
-method_names = {
-    "f1": "Best F1 on the labelled test images",
-    "percentile": "A percentile of known-good scores",
-    "manual": "By hand",
-}
 if "dp_method" not in st.session_state and session.threshold_mode in methods:
     st.session_state["dp_method"] = session.threshold_mode  # the choice made before a refresh
+if "dp_pct" not in st.session_state:
+    st.session_state["dp_pct"] = float(session.threshold_pct)  # the percentile chosen before a refresh
 method = st.radio(
     "How to choose the threshold",
     methods,
-    format_func=method_names.get,
+    format_func=services.THRESHOLD_METHODS.get,
     horizontal=True,
     key="dp_method",
-    help="Best F1 balances missed defects and false alarms on labelled images. A percentile of good images' scores "
-    "fixes the false-alarm rate (99th = about 1 in 100 good parts flagged). By hand: any value.",
+    help="Good images alone: every training image is scored by a model fitted on the others (no leakage), and "
+    "the threshold flags at most the target share of them; needs no labelled defect. Best F1 and percentiles are "
+    "fitted on the test images, so their figures there are in-sample. By hand: any value.",
 )
 
-threshold = session.threshold if session.threshold is not None else model.threshold_
+rule = services.ThresholdRule(kind=method)
+if method == "good":
+    g1, g2 = st.columns(2)
+    target = g1.number_input(
+        "Target false-alarm rate (%)",
+        0.0,
+        50.0,
+        services.DEFAULT_TARGET_FPR * 100,
+        0.5,
+        key="dp_target",
+        help="Share of good parts you accept being flagged.",
+    )
+    top = g2.number_input(
+        "Also leave out the most suspicious training images",
+        0,
+        max(0, len(model.train_names_) - 2),
+        0,
+        key="dp_exclude_top",
+        help="Images marked defective on the Review page, and copies of defective test images, are always left "
+        "out; this leaves out more, by suspicion.",
+    )
+    rule = services.ThresholdRule(kind="good", target_fpr=target / 100, exclude_top=int(top))
+elif method == "percentile":
+    pct = st.slider(
+        "Percentile of good images' scores",
+        80.0,
+        100.0,
+        step=0.5,
+        key="dp_pct",
+        help="The threshold is set so that this share of the known-good test images passes.",
+    )
+    rule = services.ThresholdRule(kind="percentile", percentile=pct)
+elif method == "manual":
+    lo = float(scores.min()) if scores is not None else 0.0
+    hi = float(scores.max()) if scores is not None else 50.0
+    start = float(session.threshold) if session.threshold is not None else (lo + hi) / 2
+    value = st.number_input(
+        "Threshold",
+        value=start,
+        min_value=0.0,  # image scores are never negative; bundles refuse a negative threshold
+        step=max((hi - lo) / 100, 1e-3),
+        format="%.4f",
+        key="dp_manual",
+        help="Images with an anomaly score at or above this are called defective.",
+    )
+    rule = services.ThresholdRule(kind="manual", value=float(value))
+
+chosen = None
 with user_errors("choose the threshold"):
-    if method == "f1":
-        choice = metrics.f1_threshold(labels, scores)
-        threshold = choice.threshold
-        st.markdown(
-            f"Best F1 **{choice.f1:.3f}** (precision {choice.precision:.2f}, recall {choice.recall:.2f}) at "
-            f"threshold **{threshold:.3f}**."
+    bars = StageProgress(st.container())
+    chosen = services.choose_threshold(session, rule, detection, progress=bars)
+    bars.finish()
+    session.threshold_mode = method  # restored after a refresh, with the percentile
+    if method == "percentile":
+        session.threshold_pct = float(rule.percentile)
+threshold = session.threshold
+if chosen is not None:
+    st.markdown(f"Threshold **{chosen.threshold:.4f}** — {chosen.method}.")
+    if chosen.good is not None:
+        good = chosen.good
+        st.caption(
+            f"Rests on {good.n_images} training images scored out of sample ({good.folds}-fold); "
+            f"{good.n_flagged} of them score at or above it ({good.fpr_estimate:.1%}). With "
+            f"{good.confidence:.0%} confidence, the false-alarm rate on new good parts is at most "
+            f"{good.fpr_upper_bound:.1%} (exact binomial bound). Left out: {len(good.excluded)} images"
+            + (f" ({', '.join(n.rsplit('/', 1)[-1] for n in good.excluded[:8])})" if good.excluded else "")
+            + "."
         )
-    elif method == "percentile":
-        if "dp_pct" not in st.session_state:
-            st.session_state["dp_pct"] = float(session.threshold_pct)  # the percentile chosen before a refresh
-        pct = st.slider(
-            "Percentile of good images' scores",
-            80.0,
-            100.0,
-            step=0.5,
-            key="dp_pct",
-            help="The threshold is set so that this share of the known-good images passes.",
+    elif chosen.chosen_on_test:
+        st.warning(
+            "This threshold was fitted on the test images below, so the rates on them are in-sample and "
+            "optimistic. The rule 'From good training images alone' gives figures you can defend.",
+            icon=":material/info:",
         )
-        good = scores[labels == 0] if has_good else scores
-        if not has_good:
-            st.caption("No labels: every scored image is treated as known-good.")
-        threshold = metrics.percentile_threshold(good, pct)
-        st.markdown(f"Threshold **{threshold:.3f}** ({pct:g}th percentile of {len(good)} good images).")
-    else:
-        lo = float(scores.min()) if scores is not None else 0.0
-        hi = float(scores.max()) if scores is not None else 50.0
-        start = float(threshold) if threshold is not None else (lo + hi) / 2
-        threshold = st.number_input(
-            "Threshold",
-            value=start,
-            min_value=0.0,  # image scores are never negative; bundles refuse a negative threshold
-            step=max((hi - lo) / 100, 1e-3),
-            format="%.4f",
-            key="dp_manual",
-            help="Images with an anomaly score at or above this are called defective.",
-        )
-    if threshold is not None:
-        session.threshold = float(threshold)
-        session.threshold_method = method_names[method]
-        session.threshold_mode = method
-        if method == "percentile":
-            session.threshold_pct = float(pct)
 
 if threshold is not None and has_both:
-    conf = metrics.confusion_at(labels, scores, threshold)
+    point = metrics.operating_point(labels, scores, threshold, chosen_here=bool(chosen and chosen.chosen_on_test))
+    conf = point.confusion
+    fpr_lo, fpr_hi = conf.fpr_interval()
+    fnr_lo, fnr_hi = conf.fnr_interval()
     c1, c2 = st.columns([1, 1])
     with c1:
         st.plotly_chart(plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn), key="dp_conf")
     with c2:
         m1, m2 = st.columns(2)
-        m1.metric("False-alarm rate", f"{conf.fpr:.1%}", help="Good images flagged defective (false positives).")
-        m2.metric("Miss rate", f"{conf.fnr:.1%}", help="Defective images that pass (false negatives).")
+        m1.metric(
+            "False-alarm rate",
+            f"{conf.fpr:.1%}",
+            help=f"Good images flagged defective. 95% interval {fpr_lo:.1%} to {fpr_hi:.1%} (exact).",
+        )
+        m2.metric(
+            "Miss rate",
+            f"{conf.fnr:.1%}",
+            help=f"Defective images that pass. 95% interval {fnr_lo:.1%} to {fnr_hi:.1%} (exact).",
+        )
         m1.metric("Precision", f"{conf.precision:.1%}", help="Of the flagged images, the share truly defective.")
         m2.metric("Recall", f"{conf.recall:.1%}", help="Of the defective images, the share flagged.")
-        st.caption(f"On {len(labels)} labelled test images: {conf.fp} false alarms and {conf.fn} missed defects.")
+        st.caption(
+            f"On {len(labels)} labelled test images: {conf.fp} false alarms (95% interval {fpr_lo:.1%}–{fpr_hi:.1%}) "
+            f"and {conf.fn} missed defects (95% interval {fnr_lo:.1%}–{fnr_hi:.1%})"
+            + (" — in-sample: these images chose the threshold." if point.chosen_here else ".")
+        )
     st.plotly_chart(
         plots.score_histogram(scores, labels, threshold=threshold, title="SoftPatch scores on the test set"),
         key="dp_hist",
@@ -156,7 +208,7 @@ c1, c_onnx, c2 = st.columns(3)
 with c1:
     st.markdown(
         "**Model bundle** — one file with the backbone, the memory bank, the settings and the threshold; "
-        "load it with `softpatch.load_bundle` or `softpatch score --bundle`."
+        "load it with `softpatch.load_bundle` or score with the command line (below)."
     )
     if st.button(
         "Prepare the model bundle",
@@ -184,6 +236,9 @@ with c1:
                 key="dp_bundle_dl",
                 help="The .softpatch file: load it with softpatch.load_bundle or the softpatch CLI.",
             )
+    bundle_file = (bundle_path or f"{name}.softpatch").rsplit("/", 1)[-1]
+    st.code(" ".join(services.cli_score_command(bundle_file)), language="bash")
+    st.caption("Prints each image's score and, with the bundle's threshold, whether it is anomalous.")
 with c_onnx:
     st.markdown(
         "**ONNX model** — for the line PC: backbone, memory bank, map and the threshold's decision in one file "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
+from softpatch.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.errors import SoftPatchError
 
 # Which settings each command offers, by group; every option is derived from the settings' declaration.
@@ -98,6 +99,74 @@ def _add_denoise_options(parser: argparse.ArgumentParser, *, with_discriminator:
     _add_setting_options(parser, "denoising", names)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    from softpatch.threshold import DEFAULT_FOLDS
+
+    group = parser.add_argument_group("threshold from good images alone (softpatch.threshold)")
+    group.add_argument(
+        "--threshold-fpr",
+        type=_fraction,
+        default=None,
+        metavar="RATE",
+        help="store the threshold for this false-alarm rate (e.g. 0.01), set on out-of-sample scores of the "
+        "training images; its exact confidence bound is printed (default: no threshold)",
+    )
+    group.add_argument(
+        "--threshold-folds",
+        type=_count(2),
+        default=DEFAULT_FOLDS,
+        metavar="K",
+        help=f"folds of the out-of-sample scoring (default: {DEFAULT_FOLDS})",
+    )
+    group.add_argument(
+        "--threshold-exclude",
+        action="append",
+        metavar="IMAGE",
+        help="a training image known to be defective (path or file name), left out of the threshold; repeatable",
+    )
+    group.add_argument(
+        "--threshold-exclude-top",
+        type=_count(0),
+        default=0,
+        metavar="N",
+        help="leave the N most suspicious training images out of the threshold (default: 0)",
+    )
+
+
 def _config(args: argparse.Namespace) -> SoftPatchConfig:
     return SoftPatchConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)})
 
@@ -134,13 +203,43 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     records = _training_images(args.train_dir)
     model = SoftPatch(_config(args)).fit(records, progress=_progress(args.quiet))
+    chosen = None
+    if args.threshold_fpr is not None:
+        from softpatch.threshold import threshold_from_good_images
+
+        chosen = threshold_from_good_images(
+            model,
+            target_fpr=args.threshold_fpr,
+            folds=args.threshold_folds,
+            exclude=_known_defective(records, args.threshold_exclude or []),
+            exclude_most_suspicious=args.threshold_exclude_top,
+            progress=_progress(args.quiet),
+        )
+        model.threshold_ = chosen.threshold
     out = save_bundle(model, args.output)
     removed = model.removed_fraction_
     print(
         f"fitted on {len(records)} images; removed {removed.mean() * 100:.1f}% of patches; "
         f"memory bank {len(model.memory_bank_)} patches; saved {out}"
     )
+    if chosen is not None:
+        print(chosen.summary())
     return 0
+
+
+def _known_defective(records: list, given: Sequence[str]) -> list[str]:
+    """Training image names (``str(path)``) matching the given paths or file names; one error for any unknown."""
+    by_name: dict[str, list[str]] = {}
+    for r in records:
+        for key in (str(r.path), Path(r.path).name, str(Path(r.path).resolve())):
+            by_name.setdefault(key, []).append(str(r.path))
+    out: list[str] = []
+    for item in given:
+        found = by_name.get(item) or by_name.get(str(Path(item).resolve()))
+        if not found:
+            raise SoftPatchError(f"--threshold-exclude {item}: no such image in the training folder")
+        out.extend(found)
+    return out
 
 
 def _score_inputs(paths: Sequence[str]) -> list:
@@ -223,7 +322,44 @@ def _cmd_vet(args: argparse.Namespace) -> int:
             write_csv(fh, rows, ["rank", "path", "suspicion", "removed_fraction"])
     for row in rows:
         print(f"{row['rank']:4d}  {row['suspicion']:8.3f}  {row['removed_fraction'] * 100:5.1f}%  {row['path']}")
+    _print_duplicates(model, records, args)
     return 0
+
+
+def _test_images(path: str) -> list:
+    """A test folder's images: its test split when it is in MVTec AD layout, else every image under it."""
+    from softpatch.data import load_mvtec
+    from softpatch.errors import DataError
+
+    try:
+        dataset = load_mvtec(path)
+    except DataError:
+        return _training_images(path)
+    return dataset.test.records
+
+
+def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
+    """Exact and near duplicates within the training folder and, with --test-dir, leaks into the test set."""
+    from softpatch.duplicates import find_duplicates
+
+    test = _test_images(args.test_dir) if args.test_dir else []
+    test_features = model.embed(test, progress=_progress(args.quiet)).features if test else None
+    found = find_duplicates(
+        [r.path for r in records],
+        [r.path for r in test],
+        train_features=model.train_features_,
+        test_features=test_features,
+        grid=model.grid_shape_,
+        near_ratio=args.near_ratio,
+        progress=_progress(args.quiet),
+    )
+    print(f"duplicates: {found.summary()}")
+    for group in found.groups:
+        where = "leak " if group.leaks else "train"
+        others = f"  =  test: {', '.join(group.test)}" if group.test else ""
+        print(f"  {group.kind:5s}  {where}  {', '.join(group.train)}{others}")
+    for name in found.unreadable:
+        print(f"skipped {name}: cannot be decoded for the duplicate check", file=sys.stderr)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -280,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, help="bundle file to write (e.g. model.softpatch)")
     _add_backbone_options(fit)
     _add_denoise_options(fit)
+    _add_threshold_options(fit)
     fit.set_defaults(run=_cmd_fit)
 
     score = commands.add_parser("score", help="score images with a saved bundle")
@@ -302,6 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     vet = commands.add_parser("vet", help="rank training images by how likely they are defective")
     vet.add_argument("train_dir")
     vet.add_argument("--csv", default=None, help="write rank,path,suspicion,removed_fraction to this file")
+    vet.add_argument(
+        "--test-dir",
+        default=None,
+        help="also report test images that are (near) copies of training images: leakage (an MVTec AD folder "
+        "contributes its test split)",
+    )
+    vet.add_argument(
+        "--near-ratio",
+        type=_nonnegative,
+        default=DEFAULT_NEAR_RATIO,
+        metavar="R",
+        help="near duplicates: closer than R times the typical distance between neighbouring training images "
+        f"(default: {DEFAULT_NEAR_RATIO}; 0 = identical pixels only)",
+    )
     _add_backbone_options(vet)
     _add_denoise_options(vet)
     vet.set_defaults(run=_cmd_vet)

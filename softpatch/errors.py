@@ -31,3 +31,7 @@ class ResourceError(SoftPatchError):
 
 class ExportError(SoftPatchError):
     """A model cannot be exported to ONNX or OpenVINO, or its export does not reproduce its scores."""
+
+
+class ThresholdError(SoftPatchError):
+    """A threshold cannot be set from these images (too few, bad target); the message says why."""

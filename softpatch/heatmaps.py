@@ -50,3 +50,19 @@ def save_heatmaps(result: object, transform: ImageTransform, sources: Sequence[o
         overlay(image, full, low=low, high=high).save(path)
         written.append(path)
     return written
+
+
+def outline_level(threshold: float, image_score: float, map_peak: float) -> float | None:
+    """The anomaly-map level to outline on one image so that the outline agrees with its verdict.
+
+    An image is defective when its score (the maximum patch score) is at or above ``threshold``; its anomaly
+    map is those patch scores blurred, so its peak ``map_peak`` can stay below the threshold and a defective
+    image would show no outline. Then the level is the threshold scaled like the peak (``threshold *
+    map_peak / image_score``), which outlines the region around the peak. None for a good image: nothing
+    is outlined on an image that passes.
+    """
+    if not np.isfinite(threshold) or image_score < threshold:
+        return None
+    if map_peak >= threshold or image_score <= 0:
+        return float(threshold)
+    return float(threshold * map_peak / image_score)

@@ -16,14 +16,17 @@ from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "Confusion",
+    "OperatingPoint",
     "ThresholdChoice",
     "aupro",
     "confusion_at",
     "f1_threshold",
     "image_auroc",
+    "operating_point",
     "percentile_threshold",
     "pixel_auroc",
     "pro_curve",
+    "rate_interval",
 ]
 
 # 8-connectivity, as in the MVTec AD evaluation code.
@@ -167,20 +170,36 @@ def aupro(masks, maps, *, fpr_limit: float = 0.3) -> float:
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """A threshold (``score >= threshold`` = anomalous) and the F1 / precision / recall it gives."""
+    """A threshold (``score >= threshold`` = anomalous) and the F1 / precision / recall it gives.
+
+    ``low``/``high``: every threshold in ``(low, high]`` gives the same decisions, hence the same F1; the
+    threshold sits in the middle, so ``margin`` is how far the scores may move before one decision flips.
+    """
 
     threshold: float
     f1: float
     precision: float
     recall: float
+    low: float = float("nan")
+    high: float = float("nan")
+
+    @property
+    def margin(self) -> float:
+        """Distance from the threshold to the nearest score that would change a decision (0 when unbounded)."""
+        if not (np.isfinite(self.low) and np.isfinite(self.high)):
+            return 0.0
+        return (self.high - self.low) / 2
 
 
 def f1_threshold(labels, scores) -> ThresholdChoice:
     """The threshold on image scores that maximises F1 (anomalous = positive class).
 
-    labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous. The threshold is one of the
-    scores; ``score >= threshold`` is predicted anomalous. Among equally good thresholds the highest is
-    returned (fewest false alarms). Raises ValueError when there is no anomalous label.
+    labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous. ``score >= threshold`` is
+    predicted anomalous. Of all thresholds reaching the best F1, the widest range of them (between two
+    neighbouring scores) is taken and the threshold put in its middle, not on the weakest defect's score:
+    new images scoring a little differently then keep their decisions. Among equally wide ranges the
+    highest is taken (fewest false alarms). When the best F1 needs every image flagged, the threshold is
+    the lowest score. Raises ValueError when there is no anomalous label.
     """
     y, s = _labels_scores(labels, scores)
     n_pos = int(y.sum())
@@ -191,16 +210,52 @@ def f1_threshold(labels, scores) -> ThresholdChoice:
     tp = np.cumsum(y[order])
     fp = np.cumsum(~y[order])
     last = np.append(s_sorted[1:] != s_sorted[:-1], True)  # cut after each run of equal scores
-    tp, fp, thresholds = tp[last].astype(np.float64), fp[last].astype(np.float64), s_sorted[last]
+    tp, fp, cuts = tp[last].astype(np.float64), fp[last].astype(np.float64), s_sorted[last]
     f1 = 2 * tp / (tp + fp + n_pos)
-    best = int(np.argmax(f1))  # first maximum = highest threshold
-    precision = tp[best] / (tp[best] + fp[best])
+    # Cut j flags the scores >= cuts[j]; any threshold in (cuts[j + 1], cuts[j]] flags the same images.
+    below = np.append(cuts[1:], -np.inf)
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+    # Consecutive best cuts form one range (cuts[last + 1], cuts[first]].
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    widths = [cuts[run[0]] - below[run[-1]] for run in runs]  # inf for the run that flags everything
+    finite = [i for i, w in enumerate(widths) if np.isfinite(w)]
+    if finite:
+        pick = runs[max(finite, key=lambda i: (widths[i], -i))]  # widest; the highest among equals
+        high, low = float(cuts[pick[0]]), float(below[pick[-1]])
+        threshold = (high + low) / 2
+        j = int(np.flatnonzero(cuts >= threshold)[-1])  # the cut whose decisions the midpoint gives
+    else:
+        j = int(best[-1])
+        high, low = float(cuts[j]), float("-inf")
+        threshold = high
     return ThresholdChoice(
-        threshold=float(thresholds[best]),
-        f1=float(f1[best]),
-        precision=float(precision),
-        recall=float(tp[best] / n_pos),
+        threshold=float(threshold),
+        f1=float(f1[j]),
+        precision=float(tp[j] / (tp[j] + fp[j])),
+        recall=float(tp[j] / n_pos),
+        low=low,
+        high=high,
     )
+
+
+def rate_interval(count: int, total: int, confidence: float = 0.95, *, upper_only: bool = False) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) confidence interval of a rate observed as ``count`` of ``total``.
+
+    Two-sided by default; ``upper_only`` gives the one-sided bound (0, upper]. ``(0.0, 1.0)`` when
+    ``total`` is 0 (nothing was observed). Conservative: covers the true rate at least ``confidence`` of the time.
+    """
+    from scipy.stats import beta
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be between 0 and total ({total}), got {count}")
+    if total == 0:
+        return 0.0, 1.0
+    alpha = 1.0 - confidence if upper_only else (1.0 - confidence) / 2
+    low = 0.0 if upper_only or count == 0 else float(beta.ppf(alpha, count, total - count + 1))
+    high = 1.0 if count == total else float(beta.ppf(1.0 - alpha, count + 1, total - count))
+    return low, high
 
 
 def _ratio(num: int, den: int) -> float:
@@ -241,6 +296,48 @@ class Confusion:
     @property
     def accuracy(self) -> float:
         return _ratio(self.tp + self.tn, self.tp + self.fp + self.tn + self.fn)
+
+    def fpr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Exact confidence interval of the false-alarm rate, from the good images counted here."""
+        return rate_interval(self.fp, self.fp + self.tn, confidence)
+
+    def fnr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Exact confidence interval of the miss rate, from the anomalous images counted here."""
+        return rate_interval(self.fn, self.fn + self.tp, confidence)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a threshold does on a labelled set, with exact intervals, and whether that set chose it.
+
+    ``chosen_here``: the threshold was fitted on these very images (e.g. best F1 on the test set), so the
+    rates are optimistic, in-sample figures; new images will do worse.
+    """
+
+    threshold: float
+    confusion: Confusion
+    confidence: float
+    chosen_here: bool
+
+    def rows(self) -> dict[str, str]:
+        """Display rows: rate with its interval, and the caveat when the figures are in-sample."""
+        c, q = self.confusion, self.confidence
+        fpr_lo, fpr_hi = c.fpr_interval(q)
+        fnr_lo, fnr_hi = c.fnr_interval(q)
+        caveat = " (in-sample: these images chose the threshold)" if self.chosen_here else ""
+        return {
+            "Threshold": f"{self.threshold:.4f}",
+            "False alarms": f"{c.fp} of {c.fp + c.tn} good images = {c.fpr:.1%} "
+            f"[{q:.0%} interval {fpr_lo:.1%} to {fpr_hi:.1%}]{caveat}",
+            "Misses": f"{c.fn} of {c.fn + c.tp} defective images = {c.fnr:.1%} "
+            f"[{q:.0%} interval {fnr_lo:.1%} to {fnr_hi:.1%}]{caveat}",
+            "Precision / recall / F1": f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f}{caveat}",
+        }
+
+
+def operating_point(labels, scores, threshold: float, *, chosen_here: bool, confidence: float = 0.95) -> OperatingPoint:
+    """Confusion at ``threshold`` with exact intervals; ``chosen_here`` marks the figures in-sample."""
+    return OperatingPoint(float(threshold), confusion_at(labels, scores, threshold), float(confidence), chosen_here)
 
 
 def confusion_at(labels, scores, threshold: float) -> Confusion:

@@ -52,6 +52,9 @@ ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 -
 
 # Held-out training patches on which the bounded nearest-neighbour search picks its settings.
 _CALIBRATION_PATCHES = 1024
+# Work between two progress messages while scoring: patches per search call, map pixels per block.
+_SCORING_PATCHES_PER_STEP = 8192
+_MAP_PIXELS_PER_STEP = 32 * 224 * 224
 
 
 @dataclass(frozen=True)
@@ -485,20 +488,27 @@ class SoftPatch:
         embeddings = images if isinstance(images, Embeddings) else self.embed(images, progress=progress)
         if embeddings.feature_key != self.config.feature_key():
             raise SoftPatchError("these embeddings were computed with other feature settings than this model's")
-        bank = self.build_memory_bank()
+        bank = self.build_memory_bank(progress)
         n, p, d = embeddings.features.shape
         patch_scores = torch.empty(n, p)
-        step = max(1, 65536 // max(p, 1))  # images per search call: progress updates every ~65k patches
+        # Small search calls, each followed by a message: progress never waits long on a slow or busy machine.
+        step = max(1, _SCORING_PATCHES_PER_STEP // max(p, 1))
+        report(progress, 0.0, f"scoring: nearest-neighbour search, 0/{n} images")
         for start in range(0, n, step):
             stop = min(n, start + step)
             match = bank.search(embeddings.features[start:stop].reshape(-1, d), self.device_, method=self.config.search)
             weighted = bank.weights[match.index] * match.distance
             patch_scores[start:stop] = weighted.reshape(stop - start, p)
-            report(progress, stop / n, f"scoring: {stop}/{n} images")
+            report(progress, stop / n, f"scoring: nearest-neighbour search, {stop}/{n} images")
         grid_scores = patch_scores.reshape(n, *self.grid_shape_)
         maps = None
         if with_maps:
-            maps = anomaly_maps(grid_scores, self.config.crop, self.config.blur_sigma).numpy()
+            maps = np.empty((n, self.config.crop, self.config.crop), dtype=np.float32)
+            map_step = max(1, _MAP_PIXELS_PER_STEP // (self.config.crop**2))
+            for start in range(0, n, map_step):
+                stop = min(n, start + map_step)
+                maps[start:stop] = anomaly_maps(grid_scores[start:stop], self.config.crop, self.config.blur_sigma)
+                report(progress, stop / n, f"maps: {stop}/{n} anomaly maps")
         return ScoreResult(
             image_scores=grid_scores.reshape(n, -1).max(dim=1).values.numpy(),
             patch_scores=grid_scores.numpy(),

@@ -179,7 +179,7 @@ def coreset_scatter(
                 hovertemplate=hover,
                 marker=marker,
             )
-    elif colour_by == "image":  # many images: one trace, one colour per image, no legend
+    elif colour_by == "image":  # many images: one trace, one colour per image; the hover names the image
         codes = {n: i for i, n in enumerate(sorted(set(sources.tolist())))}
         fig.add_scattergl(
             x=xy[:, 0],
@@ -208,5 +208,7 @@ def coreset_scatter(
                 )
     fig.update_xaxes(showticklabels=False, title=None)
     fig.update_yaxes(showticklabels=False, title=None)
-    fig.update_layout(dragmode="select")
+    # A single click selects the point under it (plotly's default click only fires an event, which Streamlit
+    # does not report as a selection); box and lasso still select many.
+    fig.update_layout(dragmode="select", clickmode="event+select")
     return _layout(fig, height=560)

@@ -11,6 +11,10 @@ STAGE_TITLES = {
     "discriminator": "Scoring patches for noise",
     "coreset": "Building the memory bank (coreset)",
     "scoring": "Scoring images",
+    "maps": "Drawing anomaly maps",
+    "metrics": "Computing metrics",
+    "threshold": "Setting the threshold from good images",
+    "duplicates": "Looking for duplicates",
 }
 
 

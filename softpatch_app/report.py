@@ -44,6 +44,8 @@ class ReportContent:
     heatmaps: list[ReportImage] = field(default_factory=list)
     metrics: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> metric -> value
     threshold: dict[str, str] = field(default_factory=dict)
+    duplicates: list[dict[str, object]] = field(default_factory=list)  # softpatch.duplicates rows
+    duplicates_summary: str = ""
     figures: list[tuple[str, go.Figure]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +87,15 @@ def build_report(content: ReportContent) -> str:
     for note in content.notes:
         parts.append(f"<p class='note'>{_esc(note)}</p>")
     parts.append("<h2>Settings</h2>" + _table({k: str(v) for k, v in content.settings.items()}))
+    if content.duplicates_summary:
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row.values()) + "</tr>" for row in content.duplicates
+        )
+        head = "".join(f"<th>{_esc(k)}</th>" for k in (content.duplicates[0] if content.duplicates else {}))
+        parts.append(
+            f"<h2>Duplicates and leakage</h2><p class='note'>{_esc(content.duplicates_summary)}.</p>"
+            + (f"<table><tr>{head}</tr>{rows}</table>" if rows else "")
+        )
     if content.removed_examples:
         parts.append(
             "<h2>Most suspicious training images</h2><p class='note'>Red patches were removed from the memory "

@@ -45,6 +45,10 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             f"Demo data: SoftPatch ranked {len(top & session.demo.contaminant_names)} of the {k} planted defective "
             f"training images in its top {k}."
         )
+    found = services.duplicates(session, progress)
+    if found is not None:
+        content.duplicates_summary = found.summary()
+        content.duplicates = found.rows()
     geom = geometry(model)
     vrange = score_range(vet.outlier_scores)
     for rank, i in enumerate(vet.ranking[:6], start=1):
@@ -66,9 +70,8 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
 
     if detection is not None:
         soft, base = detection.softpatch, detection.patchcore
-        threshold = session.threshold
-        if threshold is None:
-            threshold, _ = services.default_threshold(detection.labels, soft.image_scores)
+        threshold, method = services.current_threshold(session, progress)
+        base_threshold = services.baseline_threshold(session, detection, progress) if base is not None else None
         maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
         hrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
         order = np.argsort(-soft.image_scores, kind="stable")
@@ -81,6 +84,7 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                     alpha=0.5,
                     vrange=hrange,
                     threshold=threshold,
+                    image_score=float(soft.image_scores[k]),
                     px=320,
                 )
             ]
@@ -93,7 +97,8 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                         model.transform_,
                         alpha=0.5,
                         vrange=hrange,
-                        threshold=None,
+                        threshold=base_threshold.threshold,
+                        image_score=float(base.image_scores[k]),
                         px=320,
                     )
                 )
@@ -101,7 +106,13 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             content.heatmaps.append(ReportImage(caption, images))
         labels = detection.labels
         if labels is not None and 0 < int(labels.sum()) < len(labels):
-            table = services.evaluate(detection, model.transform_)
+            leaked = services.leaked_mask(session, detection)
+            table = services.evaluate(detection, model.transform_, exclude=leaked)
+            if leaked.any():
+                content.notes.append(
+                    f"Detection quality leaves out the {int(leaked.sum())} test images that are also in the training "
+                    "folder (leakage): " + ", ".join(detection.names[i] for i in np.flatnonzero(leaked)) + "."
+                )
             content.metrics = {name: {k: _fmt(v) for k, v in row.items()} for name, row in table.items()}
             curves = {
                 name: (*services.roc_points(labels, r.image_scores), table[name]["image AUROC"])
@@ -114,15 +125,20 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             )
             from softpatch import metrics
 
-            conf = metrics.confusion_at(labels, soft.image_scores, threshold)
+            point = metrics.operating_point(
+                labels[~leaked],
+                soft.image_scores[~leaked],
+                threshold,
+                chosen_here=services.threshold_chosen_on_test(session),
+            )
+            conf = point.confusion
             content.figures.append(("Confusion matrix", plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn)))
-            content.threshold = {
-                "Threshold": f"{threshold:.4f}",
-                "Chosen by": session.threshold_method or "default (best F1)",
-                "False-alarm rate": f"{conf.fpr:.1%} ({conf.fp} of {conf.fp + conf.tn} good images)",
-                "Miss rate": f"{conf.fnr:.1%} ({conf.fn} of {conf.fn + conf.tp} defective images)",
-            }
+            content.threshold = {"Chosen by": method, **point.rows()}
             content.summary["test image AUROC (SoftPatch)"] = _fmt(table["SoftPatch"]["image AUROC"])
         else:
-            content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": session.threshold_method or "default"}
+            content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": method}
+        if base_threshold is not None:
+            content.threshold["PatchCore's own threshold (same rule)"] = (
+                f"{base_threshold.threshold:.4f} ({base_threshold.method})"
+            )
     return build_report(content)

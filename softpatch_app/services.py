@@ -15,6 +15,7 @@ import numpy as np
 from softpatch import SoftPatch
 from softpatch.config import RETUNE_FIELDS
 from softpatch.errors import DataError
+from softpatch.progress import report as report_progress
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.settings import APP_CONFIG_SETTINGS, AppSettings
@@ -104,6 +105,38 @@ def vetting(session: SessionData) -> Vetting:
     )
 
 
+def removed_explanation(vet: Vetting, i: int, tau: float, tau_scope: str) -> str:
+    """Plain words on image ``i``'s removed patches: its share against the typical image's, and why nearly
+    every image loses some under a global tau."""
+    share = float(vet.removed_fraction[i])
+    typical = float(np.median(vet.removed_fraction))
+    ratio = share / typical if typical > 0 else float("inf") if share > 0 else 1.0
+    compare = (
+        "about as many as a typical image"
+        if 0.67 <= ratio <= 1.5
+        else f"{ratio:.1f}x the typical image's share"
+        if ratio > 1.5
+        else "fewer than a typical image"
+    )
+    if tau_scope == "global":
+        why = (
+            f"Tau cuts the {tau:.0%} most outlying patches of all images together, so nearly every image loses a few "
+            "(edges, reflections, texture that happens to be rare); what points to a defect is an image losing far "
+            "more than the typical one, in one place. The per-position cut removes the top tau at every position "
+            "instead, so each region keeps the same share and a defect stands out only against its own position."
+        )
+    else:
+        why = (
+            f"Tau removes the {tau:.0%} most outlying patches at every position, so every position loses the same share "
+            "across the images; an image losing far more than the typical one is unusual in many places. The global "
+            "cut would take the top tau of all patches together instead."
+        )
+    return (
+        f"{share:.1%} of this image's patches were removed, {compare} (median {typical:.1%}). {why} The heatmap shows "
+        "each patch's outlier score; the outlined squares are the removed ones."
+    )
+
+
 def embeddings(session: SessionData, model: SoftPatch, paths: Sequence[str], progress=None):
     """Test features via ``model.embed``, memoised per session by feature settings and file content.
 
@@ -148,7 +181,8 @@ class Detection:
     mask_paths: list[str | None]
     softpatch: object  # ScoreResult
     patchcore: object | None  # ScoreResult
-    metrics: dict = field(default_factory=dict)  # model name -> {metric: value or message}, filled lazily
+    # excluded image indices -> model name -> {metric: value or message}, filled lazily
+    metrics: dict = field(default_factory=dict)
 
 
 def detection_key(session: SessionData, records, compare: bool) -> tuple:
@@ -216,22 +250,80 @@ def pixel_subset(detection: Detection) -> np.ndarray:
     return (detection.labels == 0) | has_mask
 
 
-def evaluate(detection: Detection, transform) -> dict[str, dict[str, object]]:
-    """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model; a metric that is undefined for
-    this test set is given as a short reason instead of a number."""
+def duplicates(session: SessionData, progress=None):
+    """Exact and near duplicates within the training set and between it and the test set
+    (``softpatch.duplicates.find_duplicates``), memoised per files, model and test features.
+
+    Near copies need features: the fitted model's training features, and the test features once the test
+    set has been scored (Detect); until then only identical pixels are compared.
+    """
+    from softpatch.duplicates import find_duplicates
+
+    if session.train is None:
+        return None
+    train = [str(r.path) for r in session.train.records]
+    test = [str(r.path) for r in session.test.records] if session.test is not None else []
+    model = session.model if session.model_is_current else None
+    train_features = test_features = grid = None
+    if model is not None and model._state is not None and model._state.features is not None:
+        if [str(r.path) for r in session.model_records] == train:
+            train_features, grid = model.train_features_, model.grid_shape_
+            if test:
+                key = (feature_token(model.config), tuple(file_token(p) for p in test))
+                emb = session.embed_memo.get(key)
+                test_features = emb.features if emb is not None else None
+    key = (
+        tuple(file_token(p) for p in train),
+        tuple(file_token(p) for p in test),
+        id(train_features),
+        id(test_features),
+    )
+    memo = session.duplicates_memo
+    if key not in memo:
+        memo.clear()  # one report per session: the newest data
+        memo[key] = find_duplicates(
+            train,
+            test,
+            train_features=train_features,
+            test_features=test_features,
+            grid=grid,
+            progress=progress,
+        )
+    return memo[key]
+
+
+def leaked_mask(session: SessionData, detection: Detection, progress=None) -> np.ndarray:
+    """(n,) True for the scored images that are (near) copies of a training image (leakage)."""
+    found = duplicates(session, progress)
+    leaked = set(found.leaked_test) if found is not None else set()
+    return np.asarray([p in leaked for p in detection.paths], dtype=bool)
+
+
+def evaluate(
+    detection: Detection, transform, exclude: np.ndarray | None = None, progress=None
+) -> dict[str, dict[str, object]]:
+    """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model, without the images where
+    ``exclude`` (n,) is True (e.g. leaked test images); a metric that is undefined for this test set is given
+    as a short reason instead of a number."""
     from softpatch import metrics
 
-    if detection.metrics:
-        return detection.metrics
+    keep = np.ones(len(detection.names), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    memo_key = tuple(np.flatnonzero(~keep).tolist())
+    if memo_key in detection.metrics:
+        return detection.metrics[memo_key]
     out: dict[str, dict[str, object]] = {}
+    report_progress(progress, 0.0, "metrics: reading the masks")
     gt = ground_truth(detection, transform)
-    subset = pixel_subset(detection)
-    for name, result in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)):
-        if result is None:
-            continue
+    subset = pixel_subset(detection) & keep
+    labels = detection.labels[keep] if detection.labels is not None else None
+    models = [
+        (n, r) for n, r in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore)) if r is not None
+    ]
+    for done, (name, result) in enumerate(models):
+        report_progress(progress, done / len(models), f"metrics: {name} image AUROC, pixel AUROC, AUPRO")
         row: dict[str, object] = {}
         try:
-            row["image AUROC"] = metrics.image_auroc(detection.labels, result.image_scores)
+            row["image AUROC"] = metrics.image_auroc(labels, result.image_scores[keep])
         except ValueError as exc:
             row["image AUROC"] = str(exc)
         if gt is not None and result.anomaly_maps is not None and subset.any():
@@ -243,7 +335,8 @@ def evaluate(detection: Detection, transform) -> dict[str, dict[str, object]]:
         else:
             row["pixel AUROC"] = row["AUPRO"] = "no masks"
         out[name] = row
-    detection.metrics = out
+    report_progress(progress, 1.0, "metrics: done")
+    detection.metrics[memo_key] = out
     return out
 
 
@@ -255,14 +348,173 @@ def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
-def default_threshold(labels, scores) -> tuple[float, str]:
-    """A starting threshold: best F1 when labels of both classes are known, else the 95th percentile."""
+# How the threshold is chosen; the sentence is what the pages, the bundle's caption and the report show.
+THRESHOLD_METHODS = {
+    "good": "From good training images alone (out-of-sample, false-alarm target)",
+    "f1": "Best F1 on the labelled test images",
+    "percentile": "A percentile of known-good test scores",
+    "manual": "By hand",
+}
+DEFAULT_TARGET_FPR = 0.01
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the threshold is chosen; applied alike to SoftPatch and to the PatchCore comparison."""
+
+    kind: str = "good"  # a key of THRESHOLD_METHODS
+    target_fpr: float = DEFAULT_TARGET_FPR  # "good": share of good images allowed to be flagged
+    exclude_top: int = 0  # "good": also leave out this many of the most suspicious training images
+    percentile: float = 99.0  # "percentile"
+    value: float | None = None  # "manual"
+
+
+@dataclass(frozen=True)
+class ChosenThreshold:
+    """A threshold, the sentence saying how it was chosen, and what it rests on."""
+
+    threshold: float
+    method: str
+    chosen_on_test: bool  # the labelled test images chose it: figures on them are in-sample
+    good: object | None = None  # softpatch.threshold.GoodImageThreshold for the "good" rule
+    f1: object | None = None  # softpatch.metrics.ThresholdChoice for the "f1" rule
+
+
+def marked_defective(session: SessionData) -> list[str]:
+    """Training images (names as the model knows them) known to be defective: marked so on the Review page,
+    or copies of a test image labelled defective (found by ``duplicates``)."""
+    marked = {str(r.path) for r in session.model_records if session.labels.get(r.name) == "defective"}
+    if session.test is not None and session.test.labelled:
+        defective_test = {str(r.path) for r in session.test.records if r.label == 1}
+        found = duplicates(session)
+        for group in found.leaking if found is not None else []:
+            if defective_test.intersection(group.test):
+                marked.update(group.train)
+    return [str(r.path) for r in session.model_records if str(r.path) in marked]
+
+
+def good_image_threshold(session: SessionData, model: SoftPatch, rule: ThresholdRule, progress=None):
+    """``softpatch.threshold.threshold_from_good_images`` for ``model`` (SoftPatch or its PatchCore variant),
+    leaving out the images marked defective; memoised per model settings, exclusions and target."""
+    from softpatch.threshold import threshold_from_good_images
+
+    exclude = tuple(marked_defective(session))
+    key = (
+        id(model),
+        session.model_data_version,
+        repr(sorted(model.config.to_dict().items())),
+        exclude,
+        rule.target_fpr,
+        rule.exclude_top,
+    )
+    memo = session.threshold_memo
+    if key not in memo:
+        while len(memo) >= 4:
+            memo.pop(next(iter(memo)))
+        memo[key] = threshold_from_good_images(
+            model,
+            target_fpr=rule.target_fpr,
+            exclude=exclude,
+            exclude_most_suspicious=rule.exclude_top,
+            progress=progress,
+        )
+    return memo[key]
+
+
+def threshold_by_rule(
+    session: SessionData,
+    model: SoftPatch,
+    rule: ThresholdRule,
+    scores: np.ndarray | None,
+    labels: np.ndarray | None,
+    progress=None,
+) -> ChosenThreshold:
+    """Apply ``rule`` to ``model`` with its own test ``scores`` (n,) and ``labels`` (n,) where the rule needs them."""
     from softpatch import metrics
 
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels is not None and 0 < int(np.sum(labels)) < len(labels):
-        return metrics.f1_threshold(labels, scores).threshold, "best F1 on the labelled test images"
-    return float(np.percentile(scores, 95)), "95th percentile of the scores (no labels)"
+    has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    if rule.kind == "f1" and has_both:
+        choice = metrics.f1_threshold(labels, scores)
+        return ChosenThreshold(
+            choice.threshold,
+            f"{THRESHOLD_METHODS['f1']} (middle of the widest best-F1 range, margin {choice.margin:.3f})",
+            True,
+            f1=choice,
+        )
+    if rule.kind == "percentile" and scores is not None:
+        good = scores[labels == 0] if labels is not None and (labels == 0).any() else scores
+        value = metrics.percentile_threshold(good, rule.percentile)
+        return ChosenThreshold(
+            value, f"{rule.percentile:g}th percentile of {len(good)} test scores taken as good", True
+        )
+    if rule.kind == "manual" and rule.value is not None:
+        return ChosenThreshold(float(rule.value), THRESHOLD_METHODS["manual"], False)
+    good = good_image_threshold(session, model, rule, progress)
+    return ChosenThreshold(
+        good.threshold,
+        f"{THRESHOLD_METHODS['good']}: {good.target_fpr:.1%} target, {good.n_images} good images, "
+        f"false-alarm rate at most {good.fpr_upper_bound:.1%} ({good.confidence:.0%} confidence)",
+        False,
+        good=good,
+    )
+
+
+def choose_threshold(session: SessionData, rule: ThresholdRule, detection=None, progress=None) -> ChosenThreshold:
+    """Apply ``rule`` to the session's model and make it *the* threshold (``session.threshold``), which Detect,
+    Deploy, the bundle and the report all use."""
+    scores, labels = _test_evidence(session, detection, "softpatch")
+    chosen = threshold_by_rule(session, session.model, rule, scores, labels, progress)
+    session.threshold = float(chosen.threshold)
+    session.threshold_method = chosen.method
+    session.threshold_rule = rule
+    return chosen
+
+
+def current_threshold(session: SessionData, progress=None) -> tuple[float, str]:
+    """The session's one threshold and how it was chosen; the first time, the default rule (from good
+    training images alone, 1% false alarms), which needs no labelled defect and leaks no test image."""
+    rule = session.threshold_rule
+    if session.threshold is None or (isinstance(rule, ThresholdRule) and rule.kind == "good"):
+        # "good" follows the Review page's marks (memoised: instant while they are unchanged).
+        choose_threshold(session, rule if isinstance(rule, ThresholdRule) else ThresholdRule(), None, progress)
+    return float(session.threshold), session.threshold_method
+
+
+def threshold_chosen_on_test(session: SessionData) -> bool:
+    """Whether the session's threshold was fitted on the test images (best F1, test percentile): figures on
+    those images are then in-sample."""
+    rule = session.threshold_rule
+    return isinstance(rule, ThresholdRule) and rule.kind in ("f1", "percentile")
+
+
+def cli_score_command(bundle_name: str, images: str = "IMAGES_OR_FOLDER") -> list[str]:
+    """The ``softpatch score`` command line for a downloaded bundle, checked against the real CLI parser
+    (``softpatch.cli.build_parser``), so the page never shows a command that fails to parse."""
+    from softpatch.cli import build_parser
+
+    argv = ["score", bundle_name, images, "--json"]
+    build_parser().parse_args(argv)  # exits with a usage error if the CLI changed under us
+    return ["softpatch", *argv]
+
+
+def baseline_threshold(session: SessionData, detection, progress=None) -> ChosenThreshold:
+    """The PatchCore comparison's own threshold by the rule that chose SoftPatch's (a hand-set value does not
+    carry over between models: PatchCore then gets the default rule, and the method says so)."""
+    rule = session.threshold_rule if isinstance(session.threshold_rule, ThresholdRule) else ThresholdRule()
+    if rule.kind == "manual":
+        rule = ThresholdRule(target_fpr=rule.target_fpr, exclude_top=rule.exclude_top)
+    scores, labels = _test_evidence(session, detection, "patchcore")
+    return threshold_by_rule(session, baseline(session), rule, scores, labels, progress)
+
+
+def _test_evidence(session: SessionData, detection, model: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scores, labels) of one model on the scored test images, leaked copies of training images left out."""
+    result = getattr(detection, model, None) if detection is not None else None
+    if result is None:
+        return None, None
+    keep = ~leaked_mask(session, detection)
+    labels = detection.labels[keep] if detection.labels is not None else None
+    return result.image_scores[keep], labels
 
 
 @dataclass

@@ -53,6 +53,7 @@ class SessionData:
     model_records: list = field(default_factory=list)  # the training records the model was fitted on
     results: dict = field(default_factory=dict)  # (model token, files) -> Detection
     embed_memo: dict = field(default_factory=dict)  # (feature token, files) -> Embeddings
+    duplicates_memo: dict = field(default_factory=dict)  # (files, features) -> softpatch.duplicates.DuplicateReport
     # review
     labels: dict[str, str] = field(default_factory=dict)  # training image name -> one of LABELS
     review_pos: int = 0
@@ -61,6 +62,8 @@ class SessionData:
     threshold_method: str = ""
     threshold_mode: str = ""  # the Deploy page's choice: "f1", "percentile" or "manual"
     threshold_pct: float = 99.0  # the percentile, when chosen by percentile
+    threshold_rule: Any = None  # softpatch_app.services.ThresholdRule that gave ``threshold``
+    threshold_memo: dict = field(default_factory=dict)  # (model settings, exclusions, target) -> GoodImageThreshold
     notices: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
     upload_counter: int = 0
     store: Any = None  # softpatch_app.project.ProjectStore: saves this state into the project folder
@@ -108,6 +111,8 @@ class SessionData:
         self.threshold = None
         self.threshold_method = ""
         self.threshold_mode = ""
+        self.threshold_rule = None
+        self.threshold_memo.clear()
 
     @property
     def model_is_current(self) -> bool:

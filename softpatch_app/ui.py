@@ -58,6 +58,8 @@ def sidebar(session: SessionData) -> None:
         if model is not None:
             status = "fitted" if session.model_is_current else "fitted on earlier data: fit again"
             st.markdown(f"**Model:** {status} · tau {model.config.tau:.2f}")
+            if session.threshold is not None:  # the one threshold Detect, Deploy, the bundle and the report use
+                st.markdown(f"**Threshold:** {session.threshold:.4f}  \n{session.threshold_method}")
         else:
             st.markdown("**Model:** not fitted yet")
         st.caption(

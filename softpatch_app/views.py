@@ -53,16 +53,35 @@ def detection_overlay(
     alpha: float,
     vrange: tuple[float, float],
     threshold: float | None,
+    image_score: float | None = None,
     px: int | None = None,
 ) -> Image.Image:
-    """A test image under its anomaly map (mapped back by the core's transform), region over threshold outlined."""
+    """A test image under its anomaly map (mapped back by the core's transform), region over threshold outlined.
+
+    With ``image_score``, the outline follows the image's verdict (``softpatch.heatmaps.outline_level``):
+    every image called defective shows one, no image that passes does.
+    """
+    from softpatch.heatmaps import outline_level
+
     image = load_rgb(path)
     if px:
         image = thumbnail(image, px)
     amap = transform.map_to_original(amap_crop, image.size)
     out = overlay_heatmap(image, amap, alpha=alpha, vmin=vrange[0], vmax=vrange[1])
     if threshold is not None and np.isfinite(threshold):
-        region = amap >= threshold
+        level = threshold
+        if image_score is not None:
+            level = outline_level(float(threshold), float(image_score), float(np.max(amap_crop)))
+        region = amap >= level if level is not None else np.zeros(amap.shape, dtype=bool)
         if region.any():
             out = draw_outline(out, region)
     return out
+
+
+def outlier_with_removed(
+    path: str, scores_grid: np.ndarray, removed_grid: np.ndarray, geom: Geometry, vrange: tuple[float, float]
+) -> Image.Image:
+    """The outlier-score heatmap with the removed patches outlined on it (one picture, the scores first)."""
+    heat = outlier_heatmap(path, scores_grid, geom, vrange)
+    mask = geom.grid_mask_to_original(removed_grid, heat.size)
+    return draw_outline(heat, mask) if mask.any() else heat

@@ -251,3 +251,46 @@ def test_labels_csv_content(at: AppTest) -> None:
     text = exports.labels_csv(rows)
     assert text.splitlines()[0] == "rank,image,path,suspicion,removed_share,label"
     assert list(io.StringIO(text))[1].strip() == "1,a.png,/x/a.png,2.0,0.1,good"
+
+
+def test_one_threshold_everywhere(at: AppTest, capsys: pytest.CaptureFixture) -> None:
+    """Deploy's threshold from good images alone is the one Detect, the bundle, the CLI and the report use."""
+    import json
+    import shlex
+
+    from safetensors import safe_open
+
+    from softpatch.cli import main
+
+    at.switch_page("pages/6_deploy.py").run()
+    at.radio(key="dp_method").set_value("good").run()
+    clean(at)
+    threshold = session(at).threshold
+    assert "good training images alone" in session(at).threshold_method
+    assert "at most" in session(at).threshold_method  # the false-alarm bound is part of the method
+
+    at.switch_page("pages/5_detect.py").run()
+    clean(at)
+    assert metric(at, "Threshold") == f"{threshold:.4f}"
+    assert any("PatchCore has its own threshold" in c.value and "same rule" in c.value for c in at.caption)
+
+    at.switch_page("pages/6_deploy.py").run()
+    button(at, "Prepare the model bundle").click().run()
+    clean(at)
+    bundle = at.session_state["_bundle"]
+    with safe_open(bundle, "pt") as f:
+        assert json.loads(f.metadata()["threshold"]) == pytest.approx(threshold)
+    command = shlex.split(at.code[-1].value)
+    assert command[0] == "softpatch" and command[2] == Path(bundle).name  # the file the button offers
+    image = str(session(at).test.records[0].path)
+    argv = [bundle if a == command[2] else image if a == "IMAGES_OR_FOLDER" else a for a in command[1:]]
+    capsys.readouterr()
+    assert main(["--quiet", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == pytest.approx(threshold)
+
+    button(at, "Prepare the report").click().run()
+    clean(at)
+    assert f"{threshold:.4f}" in at.session_state["_report"]
+    assert "PatchCore&#x27;s own threshold (same rule)" in at.session_state["_report"] or (
+        "PatchCore's own threshold (same rule)" in at.session_state["_report"]
+    )

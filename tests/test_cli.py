@@ -127,6 +127,30 @@ def test_score_with_a_threshold_marks_anomalies(
     assert verdicts == ["ok"] * n_good + ["ANOMALOUS"] * len(synthetic_set.test_bad)
 
 
+def test_fit_with_a_false_alarm_target_stores_the_threshold_from_good_images(
+    tmp_path: Path, synthetic_set: SyntheticSet
+) -> None:
+    bundle = tmp_path / "thr.softpatch"
+    torch.manual_seed(0)
+    assert len(synthetic_set.defective) == 2
+    first = synthetic_set.train[synthetic_set.defective[0]]
+    # One known by its file name, the other found as the most suspicious remaining image.
+    options = ["--threshold-fpr", "0.01", "--threshold-folds", "4", "--threshold-exclude", first.name]
+    options += ["--threshold-exclude-top", "1"]
+    code, stdout, stderr = run(["fit", str(synthetic_set.train_dir), "-o", str(bundle), *SMALL, *options])
+    assert code == 0, stderr
+    summary = stdout.splitlines()[-1]
+    n_good = len(synthetic_set.train) - len(synthetic_set.defective)
+    assert f"0 of {n_good} good images flagged out of sample" in summary and "with 95% confidence" in summary
+    assert "2 images excluded" in summary  # the named one and the most suspicious other (the second defect)
+    code, stdout, _ = run(["score", str(bundle), *map(str, synthetic_set.test), "--json"])
+    document = json.loads(stdout)
+    assert f"threshold {document['threshold']:.4f}" in summary  # the bundle carries the threshold printed
+    assert [r["anomalous"] for r in document["results"]] == [False] * len(synthetic_set.test_good) + [True] * len(
+        synthetic_set.test_bad
+    )
+
+
 def test_score_heatmaps_are_written_at_the_original_size(
     tmp_path: Path, fitted_bundle: Path, synthetic_set: SyntheticSet
 ) -> None:
@@ -190,7 +214,31 @@ def test_vet_csv(tmp_path: Path, synthetic_set: SyntheticSet) -> None:
     skipped = dict(skipped_lines(stderr))
     assert set(skipped) == {"readme.txt", "cut.png"}
     assert all(reason for reason in skipped.values())
-    assert len(stdout.splitlines()) == len(body)
+    assert len(stdout.splitlines()) == len(body) + 1  # the ranking, then the duplicates line
+    assert stdout.splitlines()[-1].startswith("duplicates: 0 of 0 test images are also in the training folder; 0 ")
+
+
+def test_vet_reports_duplicates_and_leaks(tmp_path: Path, synthetic_set: SyntheticSet) -> None:
+    train = tmp_path / "train"
+    shutil.copytree(synthetic_set.train_dir, train)
+    shutil.copy(train / "004.png", train / "004_again.png")
+    test = tmp_path / "test"
+    test.mkdir()
+    for path in synthetic_set.test_good:
+        shutil.copy(path, test / path.name)
+    shutil.copy(train / "003.png", test / "leak.png")  # a planted defect, also in the test folder
+    torch.manual_seed(0)
+    code, stdout, stderr = run(["vet", str(train), "--test-dir", str(test), *SMALL])
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("duplicates: "))
+    n_test = len(synthetic_set.test_good) + 1
+    assert lines[start] == (
+        f"duplicates: 1 of {n_test} test images are also in the training folder; 1 training images repeat another "
+        "(1 groups); checked by identical pixels and features"
+    )
+    assert lines[start + 1].split() == ["exact", "leak", str(train / "003.png"), "=", "test:", str(test / "leak.png")]
+    assert lines[start + 2].split() == ["exact", "train", f"{train / '004.png'},", str(train / "004_again.png")]
 
 
 # ---------------------------------------------------------------- bench
@@ -255,6 +303,13 @@ def _bad_calls(train: str, out: str, bundle: str, mvtec: str, junk: dict[str, Pa
     fit = ["fit", train, "-o", out, *SMALL]
     return {
         "no-command": [],
+        "threshold-fpr-1": [*fit, "--threshold-fpr", "1"],
+        "threshold-fpr-text": [*fit, "--threshold-fpr", "often"],
+        "threshold-folds-1": [*fit, "--threshold-fpr", "0.01", "--threshold-folds", "1"],
+        "threshold-exclude-unknown": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude", "nope.png"],
+        "threshold-exclude-all": [*fit, "--threshold-fpr", "0.01", "--threshold-exclude-top", "99"],
+        "vet-near-ratio-negative": ["vet", train, *SMALL, "--near-ratio", "-1"],
+        "vet-missing-test-dir": ["vet", train, *SMALL, "--test-dir", f"{tmp}/missing"],
         "fit-missing-folder": ["fit", f"{tmp}/missing", "-o", out, *SMALL],
         "fit-file-as-folder": ["fit", str(junk["broken"]), "-o", out, *SMALL],
         "fit-junk-only-folder": ["fit", str(junk["only_junk"]), "-o", out, *SMALL],
@@ -383,7 +438,9 @@ def test_hostile_corpus_through_vet_fit_and_score(
     skipped = skipped_lines(stderr)
     problems = check_scan(cases, root, used, skipped)
     assert not problems, "\n".join(problems)
-    assert len(stdout.splitlines()) == len(rows)
+    lines = stdout.splitlines()
+    ranking_end = next(i for i, line in enumerate(lines) if line.startswith("duplicates: "))
+    assert ranking_end == len(rows)  # one line per ranked image, then the duplicate check
 
     # fit + score over the same folder
     bundle = outputs / "hostile.softpatch"

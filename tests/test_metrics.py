@@ -15,9 +15,11 @@ from softpatch.metrics import (
     confusion_at,
     f1_threshold,
     image_auroc,
+    operating_point,
     percentile_threshold,
     pixel_auroc,
     pro_curve,
+    rate_interval,
 )
 
 # ----------------------------------------------------------------------------- brute-force references
@@ -252,7 +254,8 @@ def test_f1_threshold_hand_case():
     # t=0.5: tp 2, fp 0, fn 1 -> F1 0.8; t=0.3: tp 3, fp 1 -> F1 6/7 = 0.857 (best).
     choice = f1_threshold(labels, scores)
     assert isinstance(choice, ThresholdChoice)
-    assert choice.threshold == pytest.approx(0.3)
+    assert choice.threshold == pytest.approx(0.25)  # the middle of (0.2, 0.3], where F1 is 6/7
+    assert (choice.low, choice.high) == (0.2, 0.3) and choice.margin == pytest.approx(0.05)
     assert choice.f1 == pytest.approx(6 / 7)
     assert choice.precision == pytest.approx(0.75)
     assert choice.recall == pytest.approx(1.0)
@@ -260,9 +263,64 @@ def test_f1_threshold_hand_case():
     assert confusion_at(labels, scores, choice.threshold).f1 == pytest.approx(choice.f1)
 
 
-def test_f1_threshold_perfect_separation_picks_lowest_anomalous_score():
+def test_f1_threshold_perfect_separation_picks_the_middle_of_the_gap():
     choice = f1_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
-    assert choice == ThresholdChoice(threshold=0.7, f1=1.0, precision=1.0, recall=1.0)
+    assert choice == ThresholdChoice(
+        threshold=pytest.approx(0.45), f1=1.0, precision=1.0, recall=1.0, low=0.2, high=0.7
+    )
+    assert choice.margin == pytest.approx(0.25)
+
+
+def test_f1_threshold_takes_the_widest_of_several_best_ranges():
+    # Best F1 (1.0 is impossible: a good image at 5.0 sits among the defects) is reached by two cuts:
+    # flag >= 6 (tp 2, fp 0, fn 1 -> 0.8) and flag >= 4 (tp 3, fp 1 -> 0.857). Only the second is best,
+    # its range (1.0, 4.0] is the wide gap above the good scores, not the narrow (5.0, 6.0] one.
+    labels = [0, 0, 0, 1, 0, 1, 1]
+    scores = [0.5, 0.8, 1.0, 4.0, 5.0, 6.0, 7.0]
+    choice = f1_threshold(labels, scores)
+    assert choice.f1 == pytest.approx(brute_best_f1(labels, scores))
+    assert choice.threshold == pytest.approx(2.5) and choice.margin == pytest.approx(1.5)
+    # Two separate ranges reach the same best F1 (tp 2 fp 1 and tp 3 fp 3 both give 2/3): the wider
+    # (1, 6] wins over (7.5, 8], although it is lower.
+    labels = [0, 1, 1, 0, 0, 1, 0]
+    scores = [10.0, 9.0, 8.0, 7.5, 7.0, 6.0, 1.0]
+    choice = f1_threshold(labels, scores)
+    assert choice.f1 == pytest.approx(2 / 3) == pytest.approx(brute_best_f1(labels, scores))
+    assert confusion_at(labels, scores, 7.75).f1 == pytest.approx(2 / 3)  # the narrow range is as good
+    assert (choice.low, choice.high, choice.threshold) == (1.0, 6.0, 3.5)
+
+
+def test_f1_threshold_when_every_image_must_be_flagged():
+    choice = f1_threshold([1, 1, 0], [0.2, 0.3, 0.25])  # flag all: F1 0.8, the best
+    assert choice.threshold == 0.2 and choice.low == float("-inf") and choice.margin == 0.0
+    assert choice.f1 == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(("count", "total"), [(0, 10), (3, 40), (40, 40), (1, 209)])
+def test_rate_interval_is_the_exact_clopper_pearson_interval(count: int, total: int):
+    from scipy.optimize import brentq
+    from scipy.stats import binom
+
+    low, high = rate_interval(count, total, 0.95)
+    # Directly from the binomial tails at 2.5% each.
+    direct_high = 1.0 if count == total else brentq(lambda p: binom.cdf(count, total, p) - 0.025, 1e-12, 1 - 1e-12)
+    direct_low = 0.0 if count == 0 else brentq(lambda p: binom.sf(count - 1, total, p) - 0.025, 1e-12, 1 - 1e-12)
+    assert (low, high) == (pytest.approx(direct_low, abs=1e-9), pytest.approx(direct_high, abs=1e-9))
+    assert low <= count / total <= high
+    assert rate_interval(0, 0) == (0.0, 1.0)
+
+
+def test_operating_point_states_intervals_and_whether_the_images_chose_the_threshold():
+    labels = [0] * 20 + [1] * 5
+    scores = [*range(20), 30, 31, 32, 33, 10.5]
+    chosen = f1_threshold(labels, scores)
+    point = operating_point(labels, scores, chosen.threshold, chosen_here=True)
+    assert point.confusion == confusion_at(labels, scores, chosen.threshold)
+    rows = point.rows()
+    assert "in-sample: these images chose the threshold" in rows["False alarms"]
+    lo, hi = rate_interval(point.confusion.fp, 20)
+    assert f"{lo:.1%} to {hi:.1%}" in rows["False alarms"]
+    assert "in-sample" not in operating_point(labels, scores, 25.0, chosen_here=False).rows()["Misses"]
 
 
 def test_f1_threshold_ties_are_cut_together():
