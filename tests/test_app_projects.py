@@ -70,6 +70,7 @@ def test_a_refresh_restores_the_project(env) -> None:
     button(at, "Defective").click().run()
     button(at, "Good").click().run()
     at.switch_page("pages/6_deploy.py").run()
+    at.radio(key="dp_method").set_value("manual").run()  # the default is the threshold from good images alone
     at.number_input(key="dp_manual").set_value(3.5).run()
     clean(at)
     before = session(at)

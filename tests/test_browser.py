@@ -463,6 +463,9 @@ def test_a_refresh_restores_the_project(server, driver) -> None:
     app.wait_text(r"1 of \d+ reviewed")
     app.nav("Deploy")
     app.wait_text(r"How to choose the threshold")
+    by_hand = [r for r in app.by_css('[data-testid="stRadio"] label') if r.text.strip() == "By hand"]
+    app.real_click(by_hand[0])  # the default is the threshold from good images alone
+    app.idle()
     box = app.by_css('input[aria-label="Threshold"]')[0]
     app.click(box)
     box.send_keys(Keys.CONTROL, "a")
