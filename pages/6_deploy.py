@@ -76,13 +76,16 @@ if not has_both:
     methods.remove("f1")
 if scores is None:
     methods.remove("percentile")
-if "dp_method" not in st.session_state and session.threshold_mode in methods:
-    st.session_state["dp_method"] = session.threshold_mode  # the choice made before a refresh
-if "dp_pct" not in st.session_state:
-    st.session_state["dp_pct"] = float(session.threshold_pct)  # the percentile chosen before a refresh
+previous = session.threshold_rule if isinstance(session.threshold_rule, services.ThresholdRule) else None
+if previous is None and session.threshold_mode in services.THRESHOLD_METHODS:  # after a refresh: the saved rule
+    previous = services.ThresholdRule(
+        kind=session.threshold_mode, percentile=session.threshold_pct, value=float(session.threshold or 0.0)
+    )
 method = st.radio(
     "How to choose the threshold",
     methods,
+    # Coming back to this page keeps the rule chosen before (the widget forgets its value between pages).
+    index=methods.index(previous.kind) if previous is not None and previous.kind in methods else 0,
     format_func=services.THRESHOLD_METHODS.get,
     horizontal=True,
     key="dp_method",
@@ -98,7 +101,7 @@ if method == "good":
         "Target false-alarm rate (%)",
         0.0,
         50.0,
-        services.DEFAULT_TARGET_FPR * 100,
+        (previous.target_fpr if previous is not None else services.DEFAULT_TARGET_FPR) * 100,
         0.5,
         key="dp_target",
         help="Share of good parts you accept being flagged.",
@@ -107,7 +110,7 @@ if method == "good":
         "Also leave out the most suspicious training images",
         0,
         max(0, len(model.train_names_) - 2),
-        0,
+        min(previous.exclude_top, max(0, len(model.train_names_) - 2)) if previous is not None else 0,
         key="dp_exclude_top",
         help="Images marked defective on the Review page, and copies of defective test images, are always left "
         "out; this leaves out more, by suspicion.",
@@ -118,7 +121,8 @@ elif method == "percentile":
         "Percentile of good images' scores",
         80.0,
         100.0,
-        step=0.5,
+        previous.percentile if previous is not None else 99.0,
+        0.5,
         key="dp_pct",
         help="The threshold is set so that this share of the known-good test images passes.",
     )

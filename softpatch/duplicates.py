@@ -3,7 +3,7 @@
 Two kinds of evidence:
 - *exact*: the same decoded pixels (a hash of the RGB array and its size, so a re-saved or renamed copy
   with identical pixels counts, whatever its file format or name);
-- *near*: image descriptors (the patch features, average-pooled over 2x2 blocks of positions so that the
+- *near*: image descriptors (the patch features, average-pooled to at most 7 x 7 blocks so that the
   layout is kept) closer than ``near_ratio`` times the typical distance between a training image and its
   nearest other training image. Two photos of two good parts are typical neighbours; a copy that was
   re-encoded, slightly shifted or retouched is far closer than that.
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_NEAR_RATIO", "DuplicateGroup", "DuplicateReport", "find_duplicates", "pixel_hash"]
 
 DEFAULT_NEAR_RATIO = 0.1
+_BLOCKS = 7  # descriptor grid: at most 7 x 7 pooled blocks of patch features
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,11 @@ def pixel_hash(source: str | os.PathLike) -> str:
 
 
 def descriptors(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(n, P, D) patch features -> (n, D * ceil(H/2) * ceil(W/2)) layout-keeping image descriptors."""
+    """(n, P, D) patch features -> (n, D * h * w) layout-keeping image descriptors, h, w <= 7.
+
+    The grid is average-pooled to at most 7 x 7 blocks: the layout is kept (a mirrored part is another
+    picture) while the descriptor stays small whatever the crop (49 * D values per image).
+    """
     import torch
 
     n, p, d = features.shape
@@ -129,7 +134,7 @@ def descriptors(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if h * w != p:
         raise SoftPatchError(f"features of {p} positions do not fit the grid {h}x{w}")
     x = features.reshape(n, h, w, d).permute(0, 3, 1, 2).float()
-    return torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True).reshape(n, -1)
+    return torch.nn.functional.adaptive_avg_pool2d(x, (min(h, _BLOCKS), min(w, _BLOCKS))).reshape(n, -1)
 
 
 class _Groups:

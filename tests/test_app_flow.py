@@ -294,3 +294,16 @@ def test_one_threshold_everywhere(at: AppTest, capsys: pytest.CaptureFixture) ->
     assert "PatchCore&#x27;s own threshold (same rule)" in at.session_state["_report"] or (
         "PatchCore's own threshold (same rule)" in at.session_state["_report"]
     )
+
+
+def test_deploy_keeps_the_chosen_rule_across_pages(at: AppTest) -> None:
+    at.switch_page("pages/6_deploy.py").run()
+    at.radio(key="dp_method").set_value("manual").run()
+    at.number_input(key="dp_manual").set_value(7.25).run()
+    clean(at)
+    at.switch_page("pages/5_detect.py").run()
+    assert metric(at, "Threshold") == "7.2500"
+    at.switch_page("pages/6_deploy.py").run()  # back: the hand-set value stays the session's threshold
+    clean(at)
+    assert at.radio(key="dp_method").value == "manual"
+    assert session(at).threshold == pytest.approx(7.25)

@@ -429,6 +429,45 @@ def test_battery_weld_walkthrough(server, driver) -> None:
     app.scroll_to("Training images ranked by suspicion")
     app.shot("08_battery_weld_ranking", "battery_weld_ranking")
 
+    # Leakage and one threshold: the category's test split holds the two added images (and 7 of train/good).
+    app.nav("Data")
+    app.tab("Test folder (optional)")
+    radios = [
+        r
+        for r in app.by_css('[data-testid="stRadio"] label')
+        if r.text.strip() == "A folder on the server" and r.is_displayed()
+    ]
+    app.real_click(radios[0])
+    app.idle()
+    box = next(b for b in app.by_css('input[aria-label="Folder path on the server"]') if b.is_displayed())
+    box.send_keys(str(BATTERY), Keys.ENTER)
+    app.idle()
+    app.click(app.button("Load this test folder"))
+    body = app.wait_text(r"Leakage: \d+ test images are also in the training folder")
+    app.idle()
+    app.no_errors()
+    warning = body[body.find("Leakage:") :][:2000]
+    assert all(p in warning for p in BATTERY_PICKS), warning
+    app.scroll_to("Duplicates and leakage")
+    app.shot("09_battery_weld_leakage")
+
+    app.nav("Detect")
+    app.click(app.button("Score 128 images"))
+    app.wait_text(r"How well are defects found", timeout=TIMEOUT)
+    app.idle()
+    app.no_errors()
+    assert re.search(r"Metrics on \d+ of 128 images \(leaked copies left out\)", app.text())
+    threshold = app.metric("Threshold")
+    assert re.fullmatch(r"\d+\.\d{4}", threshold), threshold
+    assert f"Threshold: {threshold}" in app.text()  # the sidebar tells the same
+    app.nav("Deploy")
+    body = app.wait_text(r"Threshold \d+\.\d{4} — ")
+    app.idle()
+    app.no_errors()
+    assert f"Threshold {threshold} — From good training images alone" in body
+    assert re.search(r"false-alarm rate on new good parts is at most \d+\.\d%", body)
+    app.shot("10_battery_weld_deploy")
+
 
 def test_a_refresh_restores_the_project(server, driver) -> None:
     """Mid-work refresh: the page comes back with the same project id, the fitted model, labels and threshold."""
