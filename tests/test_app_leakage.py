@@ -4,6 +4,7 @@ by default, and the threshold from good images alone is the one Detect and Deplo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,9 +21,11 @@ COPIED = ["1-+_row0_0.png", "1--_row0_2.png", "2-l1_row0_133.png"]
 
 
 @pytest.fixture
-def noisy_category(app_env: Path) -> Path:
+def noisy_category(app_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if not BATTERY.is_dir():
         pytest.skip(f"real data not found at {BATTERY}")
+    # AppTest listens on no address, so server folders are off unless roots are configured.
+    monkeypatch.setenv("SOFTPATCH_SERVER_ROOTS", os.pathsep.join([str(app_env), str(BATTERY)]))
     train = app_env / "noisy_train"
     shutil.copytree(BATTERY / "train" / "good", train)
     for name in COPIED:
