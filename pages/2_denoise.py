@@ -71,7 +71,7 @@ def use_random_weights() -> None:
     st.session_state["dn_weights_mode"] = "random"
 
 
-weights_problem = st.session_state.get("_weights_error")
+weights_problem = session.weights_problem
 with st.expander(
     "Backbone and weights — what turns images into features (a change here needs a new fit)",
     expanded=bool(weights_problem) or session.model is None,
@@ -209,7 +209,7 @@ fit_clicked = st.button(
     "Each stage shows its own progress bar.",
 )
 if fit_clicked:
-    st.session_state.pop("_weights_error", None)
+    session.weights_problem = ""
     bars = StageProgress(st.container())
     with user_errors("fit the model"):
         try:
@@ -217,10 +217,10 @@ if fit_clicked:
             bars.finish()
             st.success(f"Fitted in {session.fit_seconds:.1f} s.")
         except WeightsError as exc:
-            st.session_state["_weights_error"] = str(exc)
+            session.weights_problem = str(exc)
 
-if st.session_state.get("_weights_error"):
-    st.error(st.session_state["_weights_error"], icon=":material/error:")
+if session.weights_problem:
+    st.error(session.weights_problem, icon=":material/error:")
     st.markdown(
         "**Two ways out:**\n"
         "1. **Use a local weights file**: choose *Local weights file* under *Backbone and weights* above and give "

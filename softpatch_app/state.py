@@ -63,6 +63,7 @@ class SessionData:
     threshold_mode: str = ""  # the Deploy page's choice: "f1", "percentile" or "manual"
     threshold_pct: float = 99.0  # the percentile, when chosen by percentile
     threshold_rule: Any = None  # softpatch_app.services.ThresholdRule that gave ``threshold``
+    weights_problem: str = ""  # why the backbone's weights could not be had at the last fit ("" = none)
     threshold_memo: dict = field(default_factory=dict)  # (model settings, exclusions, target) -> GoodImageThreshold
     notices: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
     upload_counter: int = 0

@@ -34,19 +34,12 @@ def sidebar(session: SessionData) -> None:
         st.caption("Find defective images hiding in a 'good' training folder, then detect defects.")
         st.markdown(f"**Device:** {device_label(s.device)}")
         backbone = model.config.backbone if model is not None else s.backbone
-        mode = model.config.weights_source if model is not None else s.weights_mode
         st.markdown(f"**Backbone:** `{backbone}`")
-        if mode == "pretrained":
-            st.markdown("**Weights:** pretrained (ImageNet)")
-        elif mode == "file":
-            path = model.config.weights if model is not None else s.weights_path
-            st.markdown(f"**Weights:** local file `{_short(path)}`")
+        kind, text = weights_status(session)
+        if kind == "markdown":
+            st.markdown(text)
         else:
-            st.warning(
-                "**Weights: random.** Results only show how the workflow runs; they do not find real defects. "
-                "Set a weights file on the Denoise page.",
-                icon=":material/warning:",
-            )
+            getattr(st, kind)(text, icon=":material/warning:" if kind == "warning" else ":material/error:")
         if session.train is not None:
             n_test = len(session.test) if session.test is not None else 0
             st.markdown(
@@ -66,6 +59,25 @@ def sidebar(session: SessionData) -> None:
             f"Project `{session.project_id[:6]}…` is saved on the server: this page's address brings it back "
             "(bookmark it). Anyone with the address can open it; share it only with people who may."
         )
+
+
+def weights_status(session: SessionData) -> tuple[str, str]:
+    """What the sidebar says about the backbone's weights, as (how to show it, text): the true state, never a
+    hope. Pretrained weights count as loaded only once a fit has loaded them."""
+    s, model = session.settings, session.model
+    mode = model.config.weights_source if model is not None else s.weights_mode
+    if mode == "pretrained" and model is None and session.weights_problem:
+        return "error", "**Weights:** pretrained ImageNet weights could not be had at the last fit (see Denoise)."
+    if mode == "pretrained":
+        loaded = "loaded" if model is not None else "not loaded yet: downloaded or read from the cache at the first fit"
+        return "markdown", f"**Weights:** pretrained (ImageNet), {loaded}"
+    if mode == "file":
+        path = model.config.weights if model is not None else s.weights_path
+        return "markdown", f"**Weights:** local file `{_short(path)}`"
+    return "warning", (
+        "**Weights: random.** Results only show how the workflow runs; they do not find real defects. "
+        "Set a weights file on the Denoise page."
+    )
 
 
 def _short(path: str | None, keep: int = 38) -> str:

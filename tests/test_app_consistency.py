@@ -109,3 +109,25 @@ def test_coreset_map_selects_on_click_and_names_every_point(colour_by: str, n_im
         assert "%{customdata[1]}" in trace.hovertemplate  # the source image, whatever the colouring
     if colour_by == "image" and n_images <= 24:
         assert sorted(t.name for t in fig.data) == sorted(set(sources))  # a legend entry per image
+
+
+def test_the_sidebar_tells_the_true_weights_state(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from softpatch.workspace import Workspace
+    from softpatch_app.settings import AppSettings
+    from softpatch_app.state import SessionData
+    from softpatch_app.ui import weights_status
+
+    session = SessionData(workspace=Workspace.create(tmp_path), settings=AppSettings())
+    kind, text = weights_status(session)
+    assert kind == "markdown" and "not loaded yet" in text, "before any fit nobody knows the weights can be had"
+    session.weights_problem = "pretrained weights could not be downloaded"
+    kind, text = weights_status(session)
+    assert kind == "error" and "could not be had" in text
+    session.model = SimpleNamespace(config=AppSettings().fit_config())  # a fit has loaded them
+    kind, text = weights_status(session)
+    assert kind == "markdown" and text.endswith("loaded")
+    session.model = None
+    session.settings = AppSettings(weights_mode="random")
+    assert weights_status(session)[0] == "warning"
