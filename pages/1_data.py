@@ -155,7 +155,7 @@ def loader(kind: str) -> None:
         with user_errors(f"load the {what}"):
             with st.spinner(f"Reading and checking every image of the {what}…"):
                 loaded, upload_dir = _read(kind, method, slot_key)
-            previous = st.session_state.get(f"_{kind}_upload_dir")
+            previous = session.upload_dirs.get(kind)
             if kind == "train":
                 session.set_training(loaded)
                 n, skipped = len(loaded.train), len(loaded.train.skipped)
@@ -168,7 +168,10 @@ def loader(kind: str) -> None:
                     f" ({loaded.n_defective} defective, {loaded.n_masks} with masks)" if loaded.labelled else ""
                 )
             _remove_old(Path(previous) if previous else None)
-            st.session_state[f"_{kind}_upload_dir"] = str(upload_dir) if upload_dir else None
+            if upload_dir:
+                session.upload_dirs[kind] = str(upload_dir)
+            else:
+                session.upload_dirs.pop(kind, None)
             session.notify("success", msg + ".")
             st.rerun()
 

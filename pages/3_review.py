@@ -34,7 +34,7 @@ labels = session.labels
 c1, c2 = st.columns([1, 1])
 with c1:
     default_n = int(min(n, max(10, int((vet.removed_fraction > session.model.config.tau).sum()))))
-    remembered = st.session_state.get("rv_n", st.session_state.get("_rv_n", default_n))
+    remembered = st.session_state.get("rv_n", session.review_count or default_n)
     st.session_state["rv_n"] = int(min(max(1, remembered), n))
     n_review = st.slider(
         "How many of the most suspicious images to walk through",
@@ -43,7 +43,7 @@ with c1:
         key="rv_n",
         help="Images are shown most suspicious first. The ones SoftPatch removed many patches from come first.",
     )
-    st.session_state["_rv_n"] = n_review
+    session.review_count = n_review
 with c2:
     only_open = st.toggle(
         "Skip images already labelled",
@@ -204,8 +204,8 @@ with c3:
         with user_errors("pack the cleaned folder"), st.spinner("Packing images…"):
             dest = session.workspace.subdir("exports") / f"cleaned-{int(time.time())}.zip"
             path, count = exports.cleaned_zip(records, labels, dest)
-            st.session_state["_cleaned_zip"] = (str(path), count)
-    prepared = st.session_state.get("_cleaned_zip")
+            session.cleaned_zip = (str(path), count)
+    prepared = session.cleaned_zip
     if prepared:
         path, count = prepared
         with user_errors("offer the cleaned folder"):

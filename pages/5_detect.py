@@ -62,7 +62,7 @@ else:
     )
     if files:
         token = tuple((f.file_id, f.name, f.size) for f in files)
-        cached = st.session_state.get("_dt_upload")
+        cached = session.detect_upload
         if cached and cached[0] == token:
             split = cached[1]
         else:
@@ -70,7 +70,7 @@ else:
                 root, skipped = loading.save_browser_files(files, session.workspace, session.slot("detect"), env.limits)
                 folder = scan_images(root, limits=env.limits, scope=ReadScope.of([session.workspace.path]))
                 split = loading.with_upload_skips(loading.LoadedSplit(folder, "upload", "uploaded images"), skipped)
-                st.session_state["_dt_upload"] = (token, split)
+                session.detect_upload = (token, split)
         if split is not None and split.skipped:
             st.warning(
                 f"{len(split.skipped)} uploaded files were skipped: "

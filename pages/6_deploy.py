@@ -224,8 +224,8 @@ with c1:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             path = session.workspace.subdir("exports") / f"{name}-{stamp}.softpatch"
             save_bundle(model, path, threshold=session.threshold)
-            st.session_state["_bundle"] = str(path)
-    bundle_path = st.session_state.get("_bundle")
+            session.bundle_file = str(path)
+    bundle_path = session.bundle_file
     if bundle_path:
         with user_errors("offer the bundle"):
             with open(bundle_path, "rb") as fh:
@@ -259,8 +259,8 @@ with c_onnx:
             exported = export_model(
                 model, session.workspace.subdir("exports") / f"{name}-{stamp}.onnx", threshold=session.threshold
             )
-            st.session_state["_onnx"] = (str(exported.model_file), exported.summary())
-    onnx_export = st.session_state.get("_onnx")
+            session.onnx_export = (str(exported.model_file), exported.summary())
+    onnx_export = session.onnx_export
     if onnx_export:
         onnx_path, summary = onnx_export
         with user_errors("offer the ONNX model"):
@@ -300,9 +300,9 @@ with c2:
         bars = StageProgress(st.container())
         with user_errors("build the report"), st.spinner("Building the report (a t-SNE map takes a few seconds)…"):
             html = build_session_report(session, detection, device=device_label(model.config.device), progress=bars)
-            st.session_state["_report"] = html
+            session.report_html = html
             bars.finish()
-    report = st.session_state.get("_report")
+    report = session.report_html
     if report:
         st.download_button(
             f"Download report ({len(report.encode()) / 2**20:.1f} MB)",

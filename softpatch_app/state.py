@@ -64,6 +64,14 @@ class SessionData:
     threshold_pct: float = 99.0  # the percentile, when chosen by percentile
     threshold_rule: Any = None  # softpatch_app.services.ThresholdRule that gave ``threshold``
     weights_problem: str = ""  # why the backbone's weights could not be had at the last fit ("" = none)
+    # what pages prepared on request, kept across reruns and page changes (not saved with the project)
+    upload_dirs: dict[str, str] = field(default_factory=dict)  # "train"/"test" -> folder of the last browser upload
+    review_count: int | None = None  # how many of the most suspicious images the Review page walks
+    detect_upload: tuple | None = None  # (token of the uploaded files, their LoadedSplit) on the Detect page
+    cleaned_zip: tuple[str, int] | None = None  # (path, image count) of the cleaned-folder .zip
+    bundle_file: str | None = None  # the bundle prepared on the Deploy page
+    onnx_export: tuple[str, str] | None = None  # (model file, summary) prepared on the Deploy page
+    report_html: str | None = None  # the HTML report prepared on the Deploy page
     threshold_memo: dict = field(default_factory=dict)  # (model settings, exclusions, target) -> GoodImageThreshold
     notices: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
     upload_counter: int = 0

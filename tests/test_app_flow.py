@@ -126,7 +126,7 @@ def test_label_export_and_drop_refit(at: AppTest) -> None:
     assert metric(at, "Good") == "1"
     button(at, "Prepare the cleaned folder").click().run()
     clean(at)
-    path, count = at.session_state["_cleaned_zip"]
+    path, count = session(at).cleaned_zip
     assert count == 33
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
@@ -194,7 +194,7 @@ def test_deploy_threshold_bundle_and_report(at: AppTest) -> None:
 
     from safetensors import safe_open
 
-    bundle = Path(at.session_state["_bundle"])
+    bundle = Path(session(at).bundle_file)
     assert bundle.is_file() and session(at).workspace.path in bundle.parents
     with safe_open(str(bundle), "pt") as f:
         meta = f.metadata()
@@ -214,7 +214,7 @@ def test_deploy_offers_the_onnx_model_with_its_threshold(at: AppTest) -> None:
     at.switch_page("pages/6_deploy.py").run()
     button(at, "Prepare the ONNX model").click().run()
     clean(at)
-    path, summary = at.session_state["_onnx"]
+    path, summary = session(at).onnx_export
     onnx_file = Path(path)
     assert onnx_file.is_file() and session(at).workspace.path in onnx_file.parents
     assert "memory bank" in summary and "backbone" in summary
@@ -232,7 +232,7 @@ def test_report(at: AppTest) -> None:
     at.switch_page("pages/6_deploy.py").run()
     button(at, "Prepare the report").click().run()
     clean(at)
-    html = at.session_state["_report"]
+    html = session(at).report_html
     assert html.startswith("<!DOCTYPE html>")
     assert "SoftPatch vetting report" in html and "data:image/jpeg;base64," in html
     assert "Detection quality" in html and "Memory bank and removed patches" in html
@@ -277,7 +277,7 @@ def test_one_threshold_everywhere(at: AppTest, capsys: pytest.CaptureFixture) ->
     at.switch_page("pages/6_deploy.py").run()
     button(at, "Prepare the model bundle").click().run()
     clean(at)
-    bundle = at.session_state["_bundle"]
+    bundle = session(at).bundle_file
     with safe_open(bundle, "pt") as f:
         assert json.loads(f.metadata()["threshold"]) == pytest.approx(threshold)
     command = shlex.split(at.code[-1].value)
@@ -290,9 +290,9 @@ def test_one_threshold_everywhere(at: AppTest, capsys: pytest.CaptureFixture) ->
 
     button(at, "Prepare the report").click().run()
     clean(at)
-    assert f"{threshold:.4f}" in at.session_state["_report"]
-    assert "PatchCore&#x27;s own threshold (same rule)" in at.session_state["_report"] or (
-        "PatchCore's own threshold (same rule)" in at.session_state["_report"]
+    assert f"{threshold:.4f}" in session(at).report_html
+    assert "PatchCore&#x27;s own threshold (same rule)" in session(at).report_html or (
+        "PatchCore's own threshold (same rule)" in session(at).report_html
     )
 
 
