@@ -71,6 +71,14 @@ def use_random_weights() -> None:
     st.session_state["dn_weights_mode"] = "random"
 
 
+ADVICE_WIDGETS = {"discriminator": "dn_disc", "tau": "dn_tau", "lof_k": "dn_k"}
+
+
+def apply_advice(changes: dict) -> None:
+    for name, value in changes.items():
+        st.session_state[ADVICE_WIDGETS[name]] = value
+
+
 weights_problem = st.session_state.get("_weights_error")
 with st.expander(
     "Backbone and weights — what turns images into features (a change here needs a new fit)",
@@ -268,6 +276,15 @@ m2.metric("Images affected", f"{affected} of {n_images}", help="Images that lost
 top = vet.ranking[0]
 m3.metric("Most suspicious", vet.names[top], help="The training image most likely to be defective.")
 m4.metric("Fit time", f"{session.fit_seconds:.1f} s", help=f"{model.config.backbone}, {model.grid_shape_} patch grid")
+hint = services.noise_advice(session, vet)
+if hint.share is not None:
+    st.caption(
+        f"Estimated share of suspect images: **{hint.share:.0%}** ({hint.n_suspect} of {n_images}): images whose "
+        "suspicion stands clearly out of the rest. A lower bound: small defects may not stand out."
+    )
+if hint.warning:
+    st.warning(hint.warning, icon=":material/warning:")
+    st.button(hint.button, on_click=apply_advice, args=(hint.better,), icon=":material/auto_fix_high:")
 
 if session.demo is not None:
     planted = session.demo.contaminant_names

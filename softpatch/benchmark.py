@@ -24,6 +24,7 @@ METHODS: dict[str, dict[str, object]] = {
     "softpatch-gaussian": {"discriminator": "gaussian"},
     "softpatch-lof": {"discriminator": "lof"},
     "softpatch-fusion": {"discriminator": "fusion"},
+    "softpatch-auto": {"discriminator": "auto"},  # LOF, with k raised when many images look defective
 }
 
 

@@ -59,7 +59,7 @@ def save_bundle(model: object, path: str | Path, *, threshold: float | None = No
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(model.config.to_dict()),
+        "config": json.dumps(model.resolved_config_.to_dict()),  # "auto" saved as what it chose
         "grid": json.dumps(list(model.grid_shape_)),
         "train_names": json.dumps(model.train_names_),
         "train_sizes": json.dumps([list(s) for s in model.train_sizes_]),

@@ -71,13 +71,14 @@ def _number(value: float | None) -> str:
 
 
 def _discriminator_names() -> tuple[str, ...]:
+    from softpatch.contamination import AUTO
     from softpatch.discriminators import DISCRIMINATORS  # late: discriminators imports torch
 
-    return tuple(DISCRIMINATORS)
+    return (*DISCRIMINATORS, AUTO)  # "auto": chosen per training set from its suspicion (softpatch.contamination)
 
 
 def _fusion_members() -> tuple[str, ...]:
-    return tuple(n for n in _discriminator_names() if n not in ("fusion", "none"))
+    return tuple(n for n in _discriminator_names() if n not in ("fusion", "none", "auto"))
 
 
 def _setting(default: Any, **declaration: Any) -> Any:

@@ -19,6 +19,7 @@ from PIL import Image
 from softpatch.anomaly_map import anomaly_maps
 from softpatch.chunking import run_in_chunks
 from softpatch.config import FEATURE_FIELDS, RETUNE_FIELDS, SoftPatchConfig
+from softpatch.contamination import AUTO, choose_settings
 from softpatch.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.device import default_batch_size, resolve_device
 from softpatch.discriminators import (
@@ -109,6 +110,7 @@ class _TrainingState:
     projections: dict[tuple, np.ndarray] = field(default_factory=dict)  # (dim, seed) -> (N*P, dim)
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
+    auto_choices: dict[int, dict] = field(default_factory=dict)  # LOF-k -> the settings "auto" resolved to
 
 
 def build_extractor(config: SoftPatchConfig, device: torch.device) -> FeatureExtractor:
@@ -256,7 +258,7 @@ class SoftPatch:
 
     # ------------------------------------------------------------------ denoising
     def _params(self, config: SoftPatchConfig | None = None) -> DiscriminatorParams:
-        config = config or self.config
+        config = self._resolve(config)
         n = len(self._state.names) if self._state else 0
         return DiscriminatorParams(
             lof_k=max(1, effective_lof_k(config.lof_k, n)) if n >= 2 else config.lof_k,
@@ -264,14 +266,40 @@ class SoftPatch:
             fusion=config.fusion,
         )
 
+    def _resolve(self, config: SoftPatchConfig | None = None) -> SoftPatchConfig:
+        """``config`` (default: the model's) with ``discriminator="auto"`` replaced by what it chose for this training set.
+
+        The choice is a pure function of the training set's wide suspicion (``contamination.choose_settings``),
+        made once per LOF-k and cached with the fit; every other config is returned as it is.
+        """
+        config = config or self.config
+        if config.discriminator != AUTO:
+            return config
+        state = self._check_fitted()
+        changes = state.auto_choices.get(config.lof_k)
+        if changes is None:
+            changes = choose_settings(self.wide_suspicion_, config.lof_k, len(state.names))
+            state.auto_choices[config.lof_k] = changes
+        return config.replace(**changes)
+
+    @property
+    def resolved_config_(self) -> SoftPatchConfig:
+        """The settings in use: the config, with "auto" replaced by the choice made for this training set."""
+        return self._resolve()
+
+    def _discriminator(self) -> str:
+        return self._resolve().discriminator
+
     def _score_key(self, config: SoftPatchConfig) -> tuple:
-        members = config.fusion if config.discriminator == "fusion" else (config.discriminator,)
-        key: tuple = (config.discriminator,)
+        config = self._resolve(config)
+        name = config.discriminator
+        members = config.fusion if name == "fusion" else (name,)
+        key: tuple = (name,)
         if "lof" in members:
             key += ("k", min(config.lof_k, max(1, len(self._state.names) - 1)))
         if "gaussian" in members:
             key += ("reg", config.gaussian_reg)
-        if config.discriminator == "fusion":
+        if name == "fusion":
             key += ("members", config.fusion)
         return key
 
@@ -285,8 +313,9 @@ class SoftPatch:
         if key in state.scores:
             return state.scores[key]
         n, p = len(state.names), self.grid_shape_[0] * self.grid_shape_[1]
-        if n < 2 or not DISCRIMINATORS[self.config.discriminator].denoises:
-            if n < 2 and DISCRIMINATORS[self.config.discriminator].denoises:
+        name = self._discriminator()
+        if n < 2 or not DISCRIMINATORS[name].denoises:
+            if n < 2 and DISCRIMINATORS[name].denoises:
                 warnings.warn("denoising needs at least 2 training images: no patch is removed", stacklevel=2)
             state.scores[key] = torch.ones(n, p)
             return state.scores[key]
@@ -297,9 +326,9 @@ class SoftPatch:
             state.neighbours = compute_neighbours(
                 state.features, k, device=self.device_, budget_bytes=budget, progress=progress
             )
-        features = state.features if needs_features(self.config.discriminator, params) else None
+        features = state.features if needs_features(name, params) else None
         state.scores[key] = score_patches(
-            self.config.discriminator,
+            name,
             params,
             state.neighbours,
             features,
@@ -311,7 +340,7 @@ class SoftPatch:
 
     def _removed_flat(self) -> np.ndarray:
         scores = self._ensure_scores(None).numpy()
-        if not DISCRIMINATORS[self.config.discriminator].denoises or scores.shape[0] < 2:
+        if not DISCRIMINATORS[self._discriminator()].denoises or scores.shape[0] < 2:
             return np.zeros(scores.shape, dtype=bool)
         return select_removed(scores, self.config.tau, self.config.tau_scope)
 
@@ -369,7 +398,7 @@ class SoftPatch:
             chosen = kept[local]
             state.coresets[selection_key] = chosen
         flat = state.features.reshape(-1, state.features.shape[-1])
-        denoises = DISCRIMINATORS[c.discriminator].denoises and len(state.names) >= 2
+        denoises = DISCRIMINATORS[self._discriminator()].denoises and len(state.names) >= 2
         if c.soft_weight and denoises:
             weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
         else:
@@ -473,11 +502,11 @@ class SoftPatch:
     def backbone_info_(self) -> BackboneInfo:
         return backbone_info(self._get_extractor().backbone, self.config)
 
-    def _neighbours(self) -> NeighbourCache | None:
+    def _neighbours(self, lof_k: int | None = None) -> NeighbourCache | None:
         """The per-position k-NN cache, computed on first need (None with fewer than 2 images)."""
         state = self._check_fitted()
         n = len(state.names)
-        k = min(max(NEIGHBOUR_CACHE_K, self.config.lof_k), n - 1)
+        k = min(max(NEIGHBOUR_CACHE_K, lof_k or self.config.lof_k), n - 1)
         if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
             state.neighbours = compute_neighbours(
                 state.features, k, device=self.device_, budget_bytes=work_budget(self.device_)
@@ -487,13 +516,28 @@ class SoftPatch:
     @property
     def suspicion_(self) -> np.ndarray:
         """``(N,)`` image-level suspicion: mean relative distance to the k = lof_k most similar images."""
+        return self._suspicion(self.config.lof_k)
+
+    @property
+    def wide_suspicion_(self) -> np.ndarray:
+        """``(N,)`` suspicion over the ``NEIGHBOUR_CACHE_K`` most similar images (all cached neighbours).
+
+        Unlike ``suspicion_`` (k = lof_k), a group of up to that many look-alike defective images cannot hide
+        in it: their wide neighbourhoods reach the good images. What "auto" estimates contamination from.
+        """
+        neighbours = self._neighbours()
+        if neighbours is None:
+            return np.zeros(len(self._check_fitted().names), dtype=np.float32)
+        return image_suspicion(neighbours.dist[:, :, :NEIGHBOUR_CACHE_K].mean(-1).T.numpy())
+
+    def _suspicion(self, lof_k: int) -> np.ndarray:
         state = self._check_fitted()
         if state.suspicion is not None:
             return state.suspicion
-        neighbours = self._neighbours()
+        neighbours = self._neighbours(lof_k)
         if neighbours is None:
             return np.zeros(len(state.names), dtype=np.float32)
-        k = max(1, min(self.config.lof_k, neighbours.k))
+        k = max(1, min(lof_k, neighbours.k))
         return image_suspicion(neighbours.dist[:, :, :k].mean(-1).T.numpy())
 
     def vetting_report(self) -> VettingReport:

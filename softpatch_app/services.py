@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from softpatch import SoftPatch
+from softpatch.contamination import Advice, advice
 from softpatch.errors import DataError
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
@@ -100,6 +101,11 @@ def vetting(session: SessionData) -> Vetting:
         outlier_scores=model.outlier_scores_,
         removed_mask=model.removed_mask_,
     )
+
+
+def noise_advice(session: SessionData, vet: Vetting) -> Advice:
+    """The estimated share of defective training images, and a warning when the current settings are weak there."""
+    return advice(vet.suspicion, session.model.config.discriminator)
 
 
 def embeddings(session: SessionData, model: SoftPatch, paths: Sequence[str], progress=None):

@@ -1,0 +1,113 @@
+"""How much of a training set looks defective, and which denoising settings are known to be weak there.
+
+A QA engineer never knows how many defective images hide in the "good" folder. ``estimate_contamination``
+guesses it from the training images' suspicion alone (``SoftPatch.suspicion_``): the share of images whose
+suspicion stands out of the bulk by a robust margin. ``WEAK_SPOTS`` records, from the noise sweep
+(benchmarks/noise_sweep.py, table in the README), the settings that lose pixel AUROC at some noise levels,
+and ``advice`` turns an estimate and the current settings into one warning with the better settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from softpatch.discriminators import NEIGHBOUR_CACHE_K
+
+# Suspicion above median + OUTLIER_CUT robust standard deviations (1.4826 MAD) counts as "stands out".
+# Calibrated on the sweep's training sets (magnetic_tile, battery_weld, noise 0-0.3, see the README).
+OUTLIER_CUT = 3.0
+# Below this many images, the median and MAD say too little: no estimate.
+MIN_IMAGES = 8
+_MAD_TO_SIGMA = 1.4826
+# The discriminator setting resolved per training set by ``choose_discriminator``.
+AUTO = "auto"
+# "auto" uses LOF below this estimated share of defective images and AUTO_HIGH from it on (from the sweep).
+AUTO_SWITCH = 0.15
+# From AUTO_SWITCH on, LOF-k is raised to this many times the number of suspect images, so that a group of
+# look-alikes at a position is smaller than its own neighbourhoods, which then reach the good patches. Capped
+# at the neighbour cache (no new neighbour search) and at half the images (LOF over nearly everything
+# compares every patch with the same crowd and stops ranking).
+AUTO_K_FACTOR = 1.5
+
+
+def estimate_contamination(suspicion: np.ndarray, *, cut: float = OUTLIER_CUT) -> float | None:
+    """Estimated share of defective images: ``(N,)`` suspicion -> fraction in [0, 1], or None below ``MIN_IMAGES``.
+
+    An image counts when its suspicion exceeds ``median + cut * 1.4826 * MAD``. Median and MAD ignore up to
+    half of the images, so the bulk of good images sets the scale even at 30% contamination; the share
+    counted is a lower bound (defects too small to lift an image's mean suspicion are not counted).
+    """
+    s = np.asarray(suspicion, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if s.size < MIN_IMAGES:
+        return None
+    median = float(np.median(s))
+    spread = _MAD_TO_SIGMA * float(np.median(np.abs(s - median)))
+    if spread <= 0:  # half the images are identical in suspicion: only strict excess counts
+        return float(np.mean(s > median))
+    return float(np.mean(s > median + cut * spread))
+
+
+def choose_settings(wide_suspicion: np.ndarray, lof_k: int, n_images: int) -> dict[str, object]:
+    """What ``discriminator="auto"`` uses for a training set: concrete ``discriminator`` and ``lof_k`` settings.
+
+    ``wide_suspicion`` ``(N,)`` is ``SoftPatch.wide_suspicion_``. LOF judges a patch against its k nearest
+    look-alikes; once more than k similar defective images sit at a position they are dense to each other and
+    LOF no longer sees them (the sweep: LOF k=6 loses pixel AUROC from noise 0.2 on). So: LOF with the user's
+    k while fewer than ``AUTO_SWITCH`` of the images stand out (or too few images to tell), else LOF with k
+    raised to ``AUTO_K_FACTOR`` times the suspect count, capped at ``NEIGHBOUR_CACHE_K`` and half the images.
+    """
+    share = estimate_contamination(wide_suspicion)
+    if share is None or share < AUTO_SWITCH:
+        return {"discriminator": "lof", "lof_k": lof_k}
+    wanted = math.ceil(AUTO_K_FACTOR * share * n_images)
+    return {"discriminator": "lof", "lof_k": max(lof_k, min(wanted, NEIGHBOUR_CACHE_K, (n_images - 1) // 2))}
+
+
+@dataclass(frozen=True)
+class WeakSpot:
+    """Settings measured to be weak from some contamination on (the sweep's noise levels)."""
+
+    discriminator: str
+    from_share: float  # weak from this estimated share of defective images on
+    measured: str  # what the sweep measured, for the warning
+    better: dict[str, object] = field(default_factory=dict)  # the settings to switch to
+    button: str = ""  # the one-click fix, e.g. "Use fusion"
+
+    def applies(self, discriminator: str, share: float) -> bool:
+        return discriminator == self.discriminator and share >= self.from_share
+
+
+# Filled from the noise sweep (README, "Choosing the defaults"); checked in order, the first match wins.
+WEAK_SPOTS: tuple[WeakSpot, ...] = ()
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What the Denoise page shows: the estimate, and when the settings are weak there, a warning and a fix."""
+
+    share: float | None  # estimated share of defective images; None when too few images
+    n_suspect: int  # images counted as suspect
+    warning: str | None  # None: the current settings are not known to be weak at this level
+    better: dict[str, object]  # settings that fix it (empty without a warning)
+    button: str = ""  # label of the one-click fix
+
+
+def advice(suspicion: np.ndarray, discriminator: str) -> Advice:
+    """The estimate for ``suspicion`` ``(N,)`` and, when ``discriminator`` is known weak there, the better choice."""
+    n = int(np.asarray(suspicion).size)
+    share = estimate_contamination(suspicion)
+    if share is None:
+        return Advice(None, 0, None, {})
+    n_suspect = round(share * n)
+    for spot in WEAK_SPOTS:
+        if spot.applies(discriminator, share):
+            warning = (
+                f"About {share:.0%} of the training images look defective ({n_suspect} of {n}). At that level "
+                f"{spot.measured}"
+            )
+            return Advice(share, n_suspect, warning, dict(spot.better), spot.button)
+    return Advice(share, n_suspect, None, {})

@@ -1,0 +1,57 @@
+"""The contamination estimate from training suspicion, and the Denoise page's advice built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from softpatch import contamination
+from softpatch.contamination import MIN_IMAGES, WEAK_SPOTS, WeakSpot, advice, estimate_contamination
+
+
+def _suspicion(n_good: int, n_bad: int, seed: int = 0) -> np.ndarray:
+    """Suspicion like SoftPatch's: good images near 1 with some spread, defective ones clearly above."""
+    rng = np.random.default_rng(seed)
+    good = 1.0 + 0.05 * rng.standard_normal(n_good)
+    bad = 1.6 + 0.2 * rng.random(n_bad)
+    return np.concatenate([good, bad])
+
+
+@pytest.mark.parametrize(("n_bad", "expected"), [(0, 0.0), (10, 10 / 110), (30, 30 / 130), (60, 60 / 160)])
+def test_estimate_finds_the_planted_share(n_bad: int, expected: float) -> None:
+    estimate = estimate_contamination(_suspicion(100, n_bad))
+    assert estimate is not None
+    assert estimate == pytest.approx(expected, abs=0.02)
+
+
+def test_estimate_needs_enough_images_and_ignores_non_finite_values() -> None:
+    assert estimate_contamination(np.ones(MIN_IMAGES - 1)) is None
+    values = _suspicion(40, 4)
+    with_nan = np.concatenate([values, [np.nan, np.inf]])
+    assert estimate_contamination(with_nan) == estimate_contamination(values)
+    # All alike: nothing stands out.
+    assert estimate_contamination(np.ones(20)) == 0.0
+
+
+def test_advice_warns_only_for_a_weak_setting_at_its_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    spot = WeakSpot("lof", 0.15, "LOF lost pixel AUROC in the sweep.", {"discriminator": "fusion"}, "Use fusion")
+    monkeypatch.setattr(contamination, "WEAK_SPOTS", (spot,))
+    high, low = _suspicion(100, 30), _suspicion(100, 5)
+    warned = advice(high, "lof")
+    assert warned.warning is not None and "23%" in warned.warning and "30 of 130" in warned.warning
+    assert warned.better == {"discriminator": "fusion"} and warned.button == "Use fusion"
+    assert warned.n_suspect == 30
+    for quiet in (advice(low, "lof"), advice(high, "fusion")):
+        assert quiet.warning is None and quiet.better == {} and quiet.share is not None
+    too_few = advice(np.ones(3), "lof")
+    assert too_few.share is None and too_few.warning is None
+
+
+def test_weak_spots_offer_a_different_valid_setting() -> None:
+    from softpatch.config import SoftPatchConfig
+
+    assert WEAK_SPOTS, "the sweep found weak settings: the table is filled"
+    for spot in WEAK_SPOTS:
+        assert 0.0 < spot.from_share < 1.0 and spot.button and spot.measured
+        assert spot.better.get("discriminator", spot.discriminator) != spot.discriminator or len(spot.better) > 0
+        SoftPatchConfig(discriminator=spot.discriminator).replace(**spot.better)  # valid settings
