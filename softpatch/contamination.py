@@ -10,6 +10,7 @@ and ``advice`` turns an estimate and the current settings into one warning with 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,14 +76,18 @@ class WeakSpot:
     from_share: float  # weak from this estimated share of defective images on
     measured: str  # what the sweep measured, for the warning
     better: dict[str, object] = field(default_factory=dict)  # the settings to switch to
-    button: str = ""  # the one-click fix, e.g. "Use fusion"
+    button: str = ""  # the one-click fix, e.g. "Use auto"
+    max_lof_k: int | None = None  # weak only up to this LOF-k (None: any k)
 
-    def applies(self, discriminator: str, share: float) -> bool:
-        return discriminator == self.discriminator and share >= self.from_share
+    def applies(self, discriminator: str, lof_k: int, share: float) -> bool:
+        small_k = self.max_lof_k is None or lof_k <= self.max_lof_k
+        return discriminator == self.discriminator and small_k and share >= self.from_share
 
 
 # Filled from the noise sweep (README, "Choosing the defaults"); checked in order, the first match wins.
 WEAK_SPOTS: tuple[WeakSpot, ...] = ()
+
+_NOTE = "Images whose suspicion over their 32 most similar images stands clearly out; small defects may not."
 
 
 @dataclass(frozen=True)
@@ -91,23 +96,31 @@ class Advice:
 
     share: float | None  # estimated share of defective images; None when too few images
     n_suspect: int  # images counted as suspect
-    warning: str | None  # None: the current settings are not known to be weak at this level
-    better: dict[str, object]  # settings that fix it (empty without a warning)
+    note: str  # how to read the estimate (and what "auto" chose)
+    warning: str | None = None  # None: the current settings are not known to be weak at this level
+    better: dict[str, object] = field(default_factory=dict)  # settings that fix it (empty without a warning)
     button: str = ""  # label of the one-click fix
 
 
-def advice(suspicion: np.ndarray, discriminator: str) -> Advice:
-    """The estimate for ``suspicion`` ``(N,)`` and, when ``discriminator`` is known weak there, the better choice."""
-    n = int(np.asarray(suspicion).size)
-    share = estimate_contamination(suspicion)
+def advice(wide_suspicion: np.ndarray, discriminator: str, lof_k: int, chosen: Mapping[str, object]) -> Advice:
+    """The estimate from ``wide_suspicion`` ``(N,)`` (``SoftPatch.wide_suspicion_``) and, when the settings
+    (``discriminator``, ``lof_k``) are known weak there, a warning with the better settings.
+
+    ``chosen``: the settings in use (``resolved_config_``: what "auto" chose), named in the note.
+    """
+    n = int(np.asarray(wide_suspicion).size)
+    share = estimate_contamination(wide_suspicion)
+    note = _NOTE
+    if discriminator == AUTO:
+        note += f" Auto uses {chosen['discriminator']} with k={chosen['lof_k']} here."
     if share is None:
-        return Advice(None, 0, None, {})
+        return Advice(None, 0, "Too few images to estimate how many are defective.")
     n_suspect = round(share * n)
     for spot in WEAK_SPOTS:
-        if spot.applies(discriminator, share):
+        if spot.applies(discriminator, lof_k, share):
             warning = (
                 f"About {share:.0%} of the training images look defective ({n_suspect} of {n}). At that level "
                 f"{spot.measured}"
             )
-            return Advice(share, n_suspect, warning, dict(spot.better), spot.button)
-    return Advice(share, n_suspect, None, {})
+            return Advice(share, n_suspect, note, warning, dict(spot.better), spot.button)
+    return Advice(share, n_suspect, note)

@@ -103,9 +103,12 @@ def vetting(session: SessionData) -> Vetting:
     )
 
 
-def noise_advice(session: SessionData, vet: Vetting) -> Advice:
+def noise_advice(session: SessionData) -> Advice:
     """The estimated share of defective training images, and a warning when the current settings are weak there."""
-    return advice(vet.suspicion, session.model.config.discriminator)
+    model = session.model
+    chosen = model.resolved_config_
+    settings = {"discriminator": chosen.discriminator, "lof_k": chosen.lof_k}
+    return advice(model.wide_suspicion_, model.config.discriminator, model.config.lof_k, settings)
 
 
 def embeddings(session: SessionData, model: SoftPatch, paths: Sequence[str], progress=None):

@@ -33,18 +33,28 @@ def test_estimate_needs_enough_images_and_ignores_non_finite_values() -> None:
     assert estimate_contamination(np.ones(20)) == 0.0
 
 
+LOF6 = {"discriminator": "lof", "lof_k": 6}
+
+
 def test_advice_warns_only_for_a_weak_setting_at_its_level(monkeypatch: pytest.MonkeyPatch) -> None:
-    spot = WeakSpot("lof", 0.15, "LOF lost pixel AUROC in the sweep.", {"discriminator": "fusion"}, "Use fusion")
+    spot = WeakSpot("lof", 0.15, "LOF lost pixel AUROC in the sweep.", {"discriminator": "auto"}, "Use auto", 8)
     monkeypatch.setattr(contamination, "WEAK_SPOTS", (spot,))
     high, low = _suspicion(100, 30), _suspicion(100, 5)
-    warned = advice(high, "lof")
+    warned = advice(high, "lof", 6, LOF6)
     assert warned.warning is not None and "23%" in warned.warning and "30 of 130" in warned.warning
-    assert warned.better == {"discriminator": "fusion"} and warned.button == "Use fusion"
-    assert warned.n_suspect == 30
-    for quiet in (advice(low, "lof"), advice(high, "fusion")):
-        assert quiet.warning is None and quiet.better == {} and quiet.share is not None
-    too_few = advice(np.ones(3), "lof")
-    assert too_few.share is None and too_few.warning is None
+    assert warned.better == {"discriminator": "auto"} and warned.button == "Use auto"
+    assert warned.n_suspect == 30 and warned.share == pytest.approx(30 / 130)
+    quiet = [
+        advice(low, "lof", 6, LOF6),  # below the level
+        advice(high, "fusion", 6, {"discriminator": "fusion", "lof_k": 6}),  # another discriminator
+        advice(high, "lof", 16, {"discriminator": "lof", "lof_k": 16}),  # k already raised
+        advice(high, "auto", 6, {"discriminator": "lof", "lof_k": 32}),  # auto adapts by itself
+    ]
+    for q in quiet:
+        assert q.warning is None and q.better == {} and q.share is not None
+    assert "Auto uses lof with k=32" in quiet[-1].note
+    too_few = advice(np.ones(3), "lof", 6, LOF6)
+    assert too_few.share is None and too_few.warning is None and "Too few" in too_few.note
 
 
 def test_weak_spots_offer_a_different_valid_setting() -> None:
