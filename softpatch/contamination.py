@@ -23,15 +23,15 @@ OUTLIER_CUT = 3.0
 # Below this many images, the median and MAD say too little: no estimate.
 MIN_IMAGES = 8
 _MAD_TO_SIGMA = 1.4826
-# The discriminator setting resolved per training set by ``choose_discriminator``.
+# The discriminator setting resolved per training set by ``choose_settings``.
 AUTO = "auto"
-# "auto" uses LOF below this estimated share of defective images and AUTO_HIGH from it on (from the sweep).
-AUTO_SWITCH = 0.15
-# From AUTO_SWITCH on, LOF-k is raised to this many times the number of suspect images, so that a group of
-# look-alikes at a position is smaller than its own neighbourhoods, which then reach the good patches. Capped
-# at the neighbour cache (no new neighbour search) and at half the images (LOF over nearly everything
-# compares every patch with the same crowd and stops ranking).
+# "auto" runs LOF with k raised to AUTO_K_FACTOR times the suspect images, so that a group of look-alike
+# defects at a position is smaller than its own neighbourhoods, which then reach the good patches. The
+# estimate is a lower bound (small defects do not stand out), so at least AUTO_MIN_SHARE of the images are
+# assumed suspect. k is capped at the neighbour cache (a re-tune, no new neighbour search) and at half the
+# images (LOF over nearly all images compares every patch with the same crowd and stops ranking).
 AUTO_K_FACTOR = 1.5
+AUTO_MIN_SHARE = 0.08
 
 
 def estimate_contamination(suspicion: np.ndarray, *, cut: float = OUTLIER_CUT) -> float | None:
@@ -57,14 +57,15 @@ def choose_settings(wide_suspicion: np.ndarray, lof_k: int, n_images: int) -> di
 
     ``wide_suspicion`` ``(N,)`` is ``SoftPatch.wide_suspicion_``. LOF judges a patch against its k nearest
     look-alikes; once more than k similar defective images sit at a position they are dense to each other and
-    LOF no longer sees them (the sweep: LOF k=6 loses pixel AUROC from noise 0.2 on). So: LOF with the user's
-    k while fewer than ``AUTO_SWITCH`` of the images stand out (or too few images to tell), else LOF with k
-    raised to ``AUTO_K_FACTOR`` times the suspect count, capped at ``NEIGHBOUR_CACHE_K`` and half the images.
+    LOF no longer sees them (the sweep: on magnetic_tile at noise 0.3, LOF k=6 lost 0.045 pixel AUROC against
+    k=32, and fusion more). So LOF with k = ``AUTO_K_FACTOR`` x the suspect images (at least
+    ``AUTO_MIN_SHARE`` of them), never below the user's k, capped at ``NEIGHBOUR_CACHE_K`` and half the
+    images. Too few images to estimate: the user's k.
     """
     share = estimate_contamination(wide_suspicion)
-    if share is None or share < AUTO_SWITCH:
+    if share is None:
         return {"discriminator": "lof", "lof_k": lof_k}
-    wanted = math.ceil(AUTO_K_FACTOR * share * n_images)
+    wanted = math.ceil(AUTO_K_FACTOR * max(share, AUTO_MIN_SHARE) * n_images)
     return {"discriminator": "lof", "lof_k": max(lof_k, min(wanted, NEIGHBOUR_CACHE_K, (n_images - 1) // 2))}
 
 
@@ -85,7 +86,7 @@ class WeakSpot:
 
 
 # Filled from the noise sweep (README, "Choosing the defaults"); checked in order, the first match wins.
-WEAK_SPOTS: tuple[WeakSpot, ...] = ()
+WEAK_SPOTS: tuple[WeakSpot, ...] = ()  # filled below from the sweep
 
 _NOTE = "Images whose suspicion over their 32 most similar images stands clearly out; small defects may not."
 

@@ -8,7 +8,7 @@ import torch
 
 from softpatch import SoftPatch
 from softpatch.config import SoftPatchConfig
-from softpatch.contamination import AUTO_SWITCH, NEIGHBOUR_CACHE_K, choose_settings, estimate_contamination
+from softpatch.contamination import NEIGHBOUR_CACHE_K, choose_settings, estimate_contamination
 from softpatch.model import Embeddings
 
 N_GOOD = 28
@@ -44,7 +44,7 @@ def auto_config(small_config: SoftPatchConfig) -> SoftPatchConfig:
 def test_auto_keeps_the_users_lof_on_a_clean_set(auto_config: SoftPatchConfig, extractor) -> None:
     features, _ = _features(0)
     model = _fit(auto_config, extractor, features)
-    assert estimate_contamination(model.wide_suspicion_) < AUTO_SWITCH
+    assert estimate_contamination(model.wide_suspicion_) == 0.0
     assert model.resolved_config_.discriminator == "lof" and model.resolved_config_.lof_k == 6
     fixed = _fit(auto_config.replace(discriminator="lof"), extractor, features)
     np.testing.assert_array_equal(model.removed_mask_, fixed.removed_mask_)
@@ -70,14 +70,16 @@ def test_auto_choice_is_a_pure_function_of_the_suspicion() -> None:
     rng = np.random.default_rng(0)
     clean = 1.0 + 0.02 * rng.standard_normal(60)
     dirty = np.concatenate([clean[:42], 1.5 + 0.05 * rng.random(18)])
-    assert choose_settings(clean, 6, 60) == {"discriminator": "lof", "lof_k": 6}
+    # Clean: at least 8% of 60 images assumed suspect, 1.5 x 4.8 -> k 8.
+    assert choose_settings(clean, 6, 60) == {"discriminator": "lof", "lof_k": 8}
+    assert choose_settings(dirty, 6, 60) == {"discriminator": "lof", "lof_k": 27}  # 18 suspect, 1.5 x 18
     assert choose_settings(dirty, 6, 60) == choose_settings(dirty.copy(), 6, 60) != choose_settings(clean, 6, 60)
     assert choose_settings(np.ones(3), 6, 3) == {"discriminator": "lof", "lof_k": 6}, "too few images: the user's"
     # 30% of 271 images suspect: k is capped by the neighbour cache; of 20 images, by half the images.
     many = np.concatenate([1.0 + 0.02 * rng.standard_normal(190), 1.5 + 0.05 * rng.random(81)])
     assert choose_settings(many, 6, 271) == {"discriminator": "lof", "lof_k": NEIGHBOUR_CACHE_K}
     few = np.concatenate([1.0 + 0.02 * rng.standard_normal(14), 1.5 + 0.05 * rng.random(6)])
-    assert choose_settings(few, 6, 20) == {"discriminator": "lof", "lof_k": 9}
+    assert choose_settings(few, 6, 20) == {"discriminator": "lof", "lof_k": 9}  # 1.5 x 6, half of 19 is 9
     assert choose_settings(few, 12, 20)["lof_k"] == 12, "never below the user's k"
 
 
