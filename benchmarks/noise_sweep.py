@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "softpatch_sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--table-only", action="store_true", help="print the table of the results file and stop")
+    parser.add_argument(
+        "--merge", nargs="*", type=Path, default=[], help="more results files for the table (runs of other methods)"
+    )
     args = parser.parse_args(argv)
 
     done: dict[str, Any] = json.loads(args.output.read_text()) if args.output.exists() else {}
@@ -316,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                 dataset, rows, features, masks = loaded[name]
                 for noise in args.noises:
                     run_split(name, dataset, rows, features, masks, seed, noise, args.methods, done, save)
-    print(format_table(done))
+    table = dict(done)
+    for extra in args.merge:
+        table.update(json.loads(extra.read_text()))
+    print(format_table(table))
     return 0
 
 

@@ -49,12 +49,12 @@ def seed(key: str, value) -> None:
 
 # ----------------------------------------------------------------------------------------------- controls
 DISCRIMINATOR_NAMES = {
-    "lof": "LOF (paper default)",
+    "lof": "LOF (the paper's)",
     "nearest": "Nearest neighbour",
     "gaussian": "Gaussian",
     "fusion": "Fusion (SoftPatch+)",
     "none": "None: plain PatchCore",
-    "auto": "Auto: LOF, k raised when many images look defective",
+    "auto": "Auto (default): LOF, k raised when many images look defective",
 }
 seed("dn_backbone", s.backbone)
 seed("dn_weights_mode", s.weights_mode)
