@@ -62,6 +62,20 @@ def test_weak_spots_offer_a_different_valid_setting() -> None:
 
     assert WEAK_SPOTS, "the sweep found weak settings: the table is filled"
     for spot in WEAK_SPOTS:
-        assert 0.0 < spot.from_share < 1.0 and spot.button and spot.measured
+        assert 0.0 <= spot.from_share < 1.0 and spot.button and spot.measured
         assert spot.better.get("discriminator", spot.discriminator) != spot.discriminator or len(spot.better) > 0
         SoftPatchConfig(discriminator=spot.discriminator).replace(**spot.better)  # valid settings
+
+
+def test_the_sweep_weak_spots_fire_where_the_sweep_found_them() -> None:
+    # 250 images, a quarter suspect (like magnetic_tile at noise 0.2): every non-default choice is warned about.
+    dirty = _suspicion(190, 60)
+    for discriminator in ("none", "nearest", "fusion", "lof"):
+        hint = advice(dirty, discriminator, 6, LOF6)
+        assert hint.warning is not None and hint.better == {"discriminator": "auto"}, discriminator
+    assert advice(dirty, "lof", 32, {"discriminator": "lof", "lof_k": 32}).warning is None, "k already large"
+    assert advice(dirty, "auto", 6, {"discriminator": "lof", "lof_k": 32}).warning is None
+    # 40 images (like battery_weld): auto's k would stay near 6, so LOF k=6 is not warned about.
+    small = _suspicion(30, 10)
+    assert advice(small, "lof", 6, LOF6).warning is None
+    assert advice(small, "none", 6, LOF6).warning is not None
