@@ -51,6 +51,7 @@ FIT_PARAMS = {
     "pretrained": False,
     "coreset": "greedy",
     "coreset_ratio": 0.1,
+    "discriminator": "lof",  # the paper's, as the README's figures say (the default is now "auto")
     "lof_k": 6,
     "tau": 0.15,
 }

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from softpatch.config import DEVICES
+from softpatch.contamination import AUTO
 from softpatch.discriminators import DISCRIMINATORS, NEIGHBOUR_CACHE_K
 from softpatch.errors import WeightsError
 from softpatch_app import plots, services
@@ -48,11 +49,12 @@ def seed(key: str, value) -> None:
 
 # ----------------------------------------------------------------------------------------------- controls
 DISCRIMINATOR_NAMES = {
-    "lof": "LOF (paper default)",
+    "lof": "LOF (the paper's)",
     "nearest": "Nearest neighbour",
     "gaussian": "Gaussian",
     "fusion": "Fusion (SoftPatch+)",
     "none": "None: plain PatchCore",
+    "auto": "Auto (default): LOF, k raised when many images look defective",
 }
 seed("dn_backbone", s.backbone)
 seed("dn_weights_mode", s.weights_mode)
@@ -69,6 +71,14 @@ seed("dn_soft", bool(s.soft_weight))
 
 def use_random_weights() -> None:
     st.session_state["dn_weights_mode"] = "random"
+
+
+ADVICE_WIDGETS = {"discriminator": "dn_disc", "tau": "dn_tau", "lof_k": "dn_k"}
+
+
+def apply_advice(changes: dict) -> None:
+    for name, value in changes.items():
+        st.session_state[ADVICE_WIDGETS[name]] = value
 
 
 weights_problem = session.weights_problem
@@ -133,7 +143,7 @@ c1, c2, c3, c4, c5 = st.columns([1.3, 1.2, 1, 1, 0.8])
 with c1:
     st.selectbox(
         "Noise discriminator",
-        [d for d in DISCRIMINATORS],
+        [*DISCRIMINATORS, AUTO],
         key="dn_disc",
         format_func=lambda d: DISCRIMINATOR_NAMES.get(d, d),
         help="How a patch is judged against the same spot in the other images. "
@@ -156,7 +166,7 @@ with c3:
         1,
         NEIGHBOUR_CACHE_K,
         key="dn_k",
-        disabled=st.session_state["dn_disc"] not in ("lof", "fusion"),
+        disabled=st.session_state["dn_disc"] not in ("lof", "fusion", AUTO),
         help="How many similar patches LOF compares each patch with. Changing it re-scores the patches "
         "(a second or two) without looking at the images again.",
     )
@@ -269,6 +279,12 @@ m2.metric("Images affected", f"{affected} of {n_images}", help="Images that lost
 top = vet.ranking[0]
 m3.metric("Most suspicious", vet.names[top], help="The training image most likely to be defective.")
 m4.metric("Fit time", f"{session.fit_seconds:.1f} s", help=f"{model.config.backbone}, {model.grid_shape_} patch grid")
+hint = services.noise_advice(session)
+if hint.share is not None:
+    st.caption(f"Estimated share of suspect images: **{hint.share:.0%}** ({hint.n_suspect} of {n_images}). {hint.note}")
+if hint.warning:
+    st.warning(hint.warning, icon=":material/warning:")
+    st.button(hint.button, on_click=apply_advice, args=(hint.better,), icon=":material/auto_fix_high:")
 
 if session.demo is not None:
     planted = session.demo.contaminant_names

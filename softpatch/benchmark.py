@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from softpatch.config import SoftPatchConfig
-from softpatch.data import ImageRecord, load_mvtec, make_noisy_split
+from softpatch.data import ImageRecord, NoisySplit, load_mvtec, make_noisy_split
 from softpatch.errors import SoftPatchError
 from softpatch.images import load_mask
 from softpatch.metrics import aupro, image_auroc, pixel_auroc
 from softpatch.model import SoftPatch
 from softpatch.progress import ProgressCallback, report
+from softpatch.protocols import PROTOCOL_CHOICES, PROTOCOLS
 
 # Benchmark method name -> the config changes that make it.
 METHODS: dict[str, dict[str, object]] = {
@@ -23,12 +24,14 @@ METHODS: dict[str, dict[str, object]] = {
     "softpatch-gaussian": {"discriminator": "gaussian"},
     "softpatch-lof": {"discriminator": "lof"},
     "softpatch-fusion": {"discriminator": "fusion"},
+    "softpatch-auto": {"discriminator": "auto"},  # LOF, with k raised when many images look defective
 }
 
 
 @dataclass(frozen=True)
 class MethodResult:
     method: str
+    protocol: str  # "overlap": the injected images stay in the test set; "no-overlap": they leave it
     image_auroc: float
     pixel_auroc: float | None  # None when the test set has no masks
     aupro: float | None
@@ -45,7 +48,10 @@ class BenchmarkReport:
         return {"config": self.config, "results": [asdict(r) for r in self.results]}
 
     def table(self) -> str:
-        header = f"{'method':<20} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'fit s':>7} {'score s':>8}"
+        header = (
+            f"{'method':<20} {'protocol':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} "
+            f"{'fit s':>7} {'score s':>8}"
+        )
         lines = [header, "-" * len(header)]
 
         def fmt(v: float | None) -> str:
@@ -53,7 +59,7 @@ class BenchmarkReport:
 
         for r in self.results:
             lines.append(
-                f"{r.method:<20} {fmt(r.image_auroc):>11} {fmt(r.pixel_auroc):>11} {fmt(r.aupro):>7} "
+                f"{r.method:<20} {r.protocol:<10} {fmt(r.image_auroc):>11} {fmt(r.pixel_auroc):>11} {fmt(r.aupro):>7} "
                 f"{r.fit_s:>7.1f} {r.score_s:>8.1f}"
             )
         return "\n".join(lines)
@@ -74,32 +80,71 @@ def _test_masks(model: SoftPatch, records: list[ImageRecord]) -> np.ndarray | No
     return np.stack(masks)
 
 
+def protocol_metrics(
+    labels: np.ndarray,
+    image_scores: np.ndarray,
+    masks: np.ndarray | None,
+    maps: np.ndarray | None,
+    keep: np.ndarray,
+) -> dict[str, float | None]:
+    """Image AUROC, pixel AUROC and AUPRO over the test images where ``keep`` ``(n,)`` is True.
+
+    ``labels`` ``(n,)``, ``image_scores`` ``(n,)``, ``masks``/``maps`` ``(n, crop, crop)`` or None (then the
+    pixel metrics are None). One scoring of the overlap test set serves both protocols: the no-overlap test
+    set is the same images without the injected ones.
+    """
+    pixel = pro = None
+    if masks is not None and maps is not None:
+        pixel = pixel_auroc(masks[keep], maps[keep])
+        pro = aupro(masks[keep], maps[keep])
+    return {"image_auroc": image_auroc(labels[keep], image_scores[keep]), "pixel_auroc": pixel, "aupro": pro}
+
+
+def protocol_keep(split: NoisySplit, protocol: str) -> np.ndarray:
+    """``(n_test,)`` bool over ``split.test`` of an overlap split: the images the protocol tests on."""
+    if protocol not in PROTOCOLS:
+        raise SoftPatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOL_CHOICES)}")
+    if protocol == "overlap":
+        return np.ones(len(split.test), dtype=bool)
+    injected = set(split.injected)
+    return np.array([r not in injected for r in split.test], dtype=bool)
+
+
 def run_benchmark(
     data_dir: str | Path,
     *,
     noise: float,
-    overlap: bool,
     seed: int,
     methods: list[str],
     config: SoftPatchConfig,
+    protocol: str = "both",
     progress: ProgressCallback | None = None,
 ) -> BenchmarkReport:
-    """Fit each method on the same noisy training split and evaluate it on the test split.
+    """Fit each method on the same noisy training split and evaluate it under ``protocol``.
+
+    ``protocol``: "overlap", "no-overlap" or "both" (``PROTOCOL_CHOICES``). Both protocols share the
+    training set, so each method is fitted once and scored once on the overlap test set; the no-overlap
+    figures leave the injected images out of that scoring.
 
     Features are extracted once and shared (every method differs only after feature extraction);
     each method's ``fit_s`` and ``score_s`` include that shared extraction time, so the columns are
     what a single fit of that method would cost.
     """
+    if protocol not in PROTOCOL_CHOICES:
+        raise SoftPatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOL_CHOICES)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SoftPatchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if not methods:
         raise SoftPatchError("no methods to benchmark")
+    protocols = PROTOCOL_CHOICES[protocol]
     dataset = load_mvtec(data_dir)
-    split = make_noisy_split(dataset, noise=noise, overlap=overlap, seed=seed)
+    split = make_noisy_split(dataset, noise=noise, overlap=True, seed=seed)
+    keeps = {p: protocol_keep(split, p) for p in protocols}
     labels = np.array([r.label for r in split.test])
-    if len(set(labels.tolist())) < 2:
-        raise SoftPatchError("the test split needs both good and anomalous images")
+    for p, keep in keeps.items():
+        if len(set(labels[keep].tolist())) < 2:
+            raise SoftPatchError(f"the {p} test split needs both good and anomalous images")
 
     first = SoftPatch(config.replace(**METHODS[methods[0]]))
     report(progress, 0.0, f"features: training set of {len(split.train)} images")
@@ -128,20 +173,18 @@ def run_benchmark(
         start = time.perf_counter()
         scores = model.score(test_embeddings, with_maps=masks is not None)
         score_s = test_features_s + time.perf_counter() - start
-        pixel = pro = None
-        if masks is not None and scores.anomaly_maps is not None:
-            pixel = pixel_auroc(masks, scores.anomaly_maps)
-            pro = aupro(masks, scores.anomaly_maps)
-        results.append(MethodResult(method, image_auroc(labels, scores.image_scores), pixel, pro, fit_s, score_s))
+        for p in protocols:
+            values = protocol_metrics(labels, scores.image_scores, masks, scores.anomaly_maps, keeps[p])
+            results.append(MethodResult(method, p, **values, fit_s=fit_s, score_s=score_s))
     report(progress, 1.0, "scoring: done")
     summary = {
         "data_dir": str(data_dir),
         "noise": noise,
-        "overlap": overlap,
+        "protocols": list(protocols),
         "seed": seed,
         "n_train": len(split.train),
         "n_injected": len(split.injected),
-        "n_test": len(split.test),
+        "n_test": {p: int(keep.sum()) for p, keep in keeps.items()},
         "backbone": config.backbone,
         "weights": config.weights_source,
         "device": str(first.device_),

@@ -15,6 +15,7 @@ from typing import NoReturn
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
 from softpatch.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.errors import SoftPatchError
+from softpatch.protocols import PROTOCOL_CHOICES
 
 # Which settings each command offers, by group; every option is derived from the settings' declaration.
 _BACKBONE_GROUP = (
@@ -369,7 +370,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = run_benchmark(
         args.data_dir,
         noise=args.noise,
-        overlap=args.overlap,
+        protocol=args.protocol,
         seed=args.seed,
         methods=methods,
         config=_config(args),
@@ -379,9 +380,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         cfg = report.config
+        tests = ", ".join(f"{n} test {p}" for p, n in cfg["n_test"].items())
         print(
-            f"{cfg['data_dir']}: noise {cfg['noise']} ({'overlap' if cfg['overlap'] else 'no overlap'}), "
-            f"{cfg['n_train']} train ({cfg['n_injected']} injected), {cfg['n_test']} test, "
+            f"{cfg['data_dir']}: noise {cfg['noise']}, {cfg['n_train']} train ({cfg['n_injected']} injected), {tests}, "
             f"{cfg['backbone']} ({cfg['weights']}), {cfg['device']}"
         )
         print(report.table())
@@ -460,7 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="the paper's noisy benchmark on an MVTec-layout dataset")
     bench.add_argument("data_dir")
     bench.add_argument("--noise", type=float, default=0.1, help="share of injected anomalies (default 0.1)")
-    bench.add_argument("--overlap", action="store_true", help="injected images stay in the test set too")
+    bench.add_argument(
+        "--protocol",
+        choices=list(PROTOCOL_CHOICES),
+        default="both",
+        help="overlap: the injected images stay in the test set (the paper's); no-overlap: they leave it; "
+        "both (default): each method is scored once and reported under both",
+    )
+    bench.add_argument(
+        "--overlap", dest="protocol", action="store_const", const="overlap", help="the same as --protocol overlap"
+    )
     bench.add_argument("--methods", default=None, help="comma-separated, default all")
     bench.add_argument("--json", action="store_true", help="print one JSON document")
     _add_backbone_options(bench)

@@ -71,13 +71,14 @@ def _number(value: float | None) -> str:
 
 
 def _discriminator_names() -> tuple[str, ...]:
+    from softpatch.contamination import AUTO
     from softpatch.discriminators import DISCRIMINATORS  # late: discriminators imports torch
 
-    return tuple(DISCRIMINATORS)
+    return (*DISCRIMINATORS, AUTO)  # "auto": chosen per training set from its suspicion (softpatch.contamination)
 
 
 def _fusion_members() -> tuple[str, ...]:
-    return tuple(n for n in _discriminator_names() if n not in ("fusion", "none"))
+    return tuple(n for n in _discriminator_names() if n not in ("fusion", "none", "auto"))
 
 
 def _setting(default: Any, **declaration: Any) -> Any:
@@ -104,8 +105,9 @@ _KWARGS_HELP = f"extra timm arguments as a JSON object; allowed keys: {', '.join
 class SoftPatchConfig:
     """Every setting of a SoftPatch fit. Checked once, in ``__post_init__``, against each field's ``Setting``.
 
-    Defaults follow the paper (seeds/000): wide_resnet50_2 stages 2+3, resize 256 /
-    crop 224, LOF with k=6, tau=0.15, greedy coreset of 10%, soft re-weighting on.
+    Defaults follow the paper (seeds/000): wide_resnet50_2 stages 2+3, resize 256 / crop 224, tau=0.15,
+    greedy coreset of 10%, soft re-weighting on; but the discriminator is "auto" (LOF with k >= 6 raised to
+    the estimated number of defective images, see softpatch.contamination and the README's noise sweep).
     """
 
     # --- images
@@ -188,7 +190,12 @@ class SoftPatchConfig:
     )
     # --- denoising
     discriminator: str = _setting(
-        "lof", help="noise discriminator", kind="choice", role="retune", choices=_discriminator_names, env=True
+        "auto",
+        help="noise discriminator; auto (default): LOF with k raised when many images look defective",
+        kind="choice",
+        role="retune",
+        choices=_discriminator_names,
+        env=True,
     )
     lof_k: int = _setting(
         6, help="LOF neighbours; clamped to N-1 with a warning", kind="int", role="retune", low=1, high=256, env=True

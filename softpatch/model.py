@@ -20,10 +20,12 @@ from torch import nn
 from softpatch.anomaly_map import anomaly_maps
 from softpatch.chunking import run_in_chunks
 from softpatch.config import FEATURE_FIELDS, RETUNE_FIELDS, SoftPatchConfig
+from softpatch.contamination import AUTO, choose_settings
 from softpatch.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.device import default_batch_size, resolve_device
 from softpatch.discriminators import (
     DISCRIMINATORS,
+    NEIGHBOUR_CACHE_K,
     DiscriminatorParams,
     NeighbourCache,
     clamp_lof_k,
@@ -116,6 +118,7 @@ class _TrainingState:
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
     suspicion_k: int | None = None  # the lof_k the stored suspicion was computed with
+    auto_choices: dict[int, dict] = field(default_factory=dict)  # LOF-k -> the settings "auto" resolved to
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ class SoftPatch:
         bank = self.build_memory_bank()
         n = len(self.train_names_)
         return FittedState(
-            config=self.config,
+            config=self.resolved_config_,  # "auto" as what it chose for this training set
             grid=tuple(self.grid_shape_),
             names=list(self.train_names_),
             sizes=list(self.train_sizes_),
@@ -345,7 +348,7 @@ class SoftPatch:
 
     # ------------------------------------------------------------------ denoising
     def _params(self, config: SoftPatchConfig | None = None) -> DiscriminatorParams:
-        config = config or self.config
+        config = self._resolve(config)
         n = len(self._state.names) if self._state else 0
         return DiscriminatorParams(
             lof_k=max(1, effective_lof_k(config.lof_k, n)) if n >= 2 else config.lof_k,
@@ -353,14 +356,40 @@ class SoftPatch:
             fusion=config.fusion,
         )
 
+    def _resolve(self, config: SoftPatchConfig | None = None) -> SoftPatchConfig:
+        """``config`` (default: the model's) with ``discriminator="auto"`` replaced by what it chose for this training set.
+
+        The choice is a pure function of the training set's wide suspicion (``contamination.choose_settings``),
+        made once per LOF-k and cached with the fit; every other config is returned as it is.
+        """
+        config = config or self.config
+        if config.discriminator != AUTO:
+            return config
+        state = self._check_fitted()
+        changes = state.auto_choices.get(config.lof_k)
+        if changes is None:
+            changes = choose_settings(self.wide_suspicion_, config.lof_k, len(state.names))
+            state.auto_choices[config.lof_k] = changes
+        return config.replace(**changes)
+
+    @property
+    def resolved_config_(self) -> SoftPatchConfig:
+        """The settings in use: the config, with "auto" replaced by the choice made for this training set."""
+        return self._resolve()
+
+    def _discriminator(self) -> str:
+        return self._resolve().discriminator
+
     def _score_key(self, config: SoftPatchConfig) -> tuple:
-        members = config.fusion if config.discriminator == "fusion" else (config.discriminator,)
-        key: tuple = (config.discriminator,)
+        config = self._resolve(config)
+        name = config.discriminator
+        members = config.fusion if name == "fusion" else (name,)
+        key: tuple = (name,)
         if "lof" in members:
             key += ("k", clamp_lof_k(config.lof_k, len(self._state.names)))
         if "gaussian" in members:
             key += ("reg", config.gaussian_reg)
-        if config.discriminator == "fusion":
+        if name == "fusion":
             key += ("members", config.fusion)
         return key
 
@@ -374,17 +403,18 @@ class SoftPatch:
         if key in state.scores:
             return state.scores[key]
         n, p = len(state.names), self.grid_shape_[0] * self.grid_shape_[1]
-        if not denoises(self.config.discriminator, n):
-            if DISCRIMINATORS[self.config.discriminator].denoises:
+        name = self._discriminator()
+        if not denoises(name, n):
+            if DISCRIMINATORS[name].denoises:
                 warnings.warn("denoising needs at least 2 training images: no patch is removed", stacklevel=2)
             state.scores[key] = torch.ones(n, p)
             return state.scores[key]
         params = self._params()
-        features = state.features if needs_features(self.config.discriminator, params) else None
+        features = state.features if needs_features(name, params) else None
         state.scores[key] = score_patches(
-            self.config.discriminator,
+            name,
             params,
-            self._neighbours(progress),
+            self._neighbours(params.lof_k, progress),
             features,
             device=self.device_,
             budget_bytes=work_budget(self.device_),
@@ -394,7 +424,7 @@ class SoftPatch:
 
     def _removed_flat(self) -> np.ndarray:
         scores = self._ensure_scores(None).numpy()
-        if not denoises(self.config.discriminator, scores.shape[0]):
+        if not denoises(self._discriminator(), scores.shape[0]):
             return np.zeros(scores.shape, dtype=bool)
         return select_removed(scores, self.config.tau, self.config.tau_scope)
 
@@ -452,7 +482,7 @@ class SoftPatch:
             chosen = kept[local]
             state.coresets[selection_key] = chosen
         flat = state.features.reshape(-1, state.features.shape[-1])
-        if c.soft_weight and denoises(c.discriminator, len(state.names)):
+        if c.soft_weight and denoises(self._discriminator(), len(state.names)):
             weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
         else:
             weights = torch.ones(chosen.size)
@@ -562,11 +592,12 @@ class SoftPatch:
     def backbone_info_(self) -> BackboneInfo:
         return backbone_info(self._get_extractor().backbone, self.config)
 
-    def _neighbours(self, progress: ProgressCallback | None = None) -> NeighbourCache | None:
-        """The per-position k-NN cache, computed on first need (None with fewer than 2 images)."""
+    def _neighbours(self, lof_k: int | None = None, progress: ProgressCallback | None = None) -> NeighbourCache | None:
+        """The per-position k-NN cache, enough for ``lof_k`` (default: the config's), computed on first need
+        (None with fewer than 2 images)."""
         state = self._check_fitted()
         n = len(state.names)
-        k = neighbour_cache_k(self.config.lof_k, n)
+        k = neighbour_cache_k(lof_k or self.config.lof_k, n)
         if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
             state.neighbours = compute_neighbours(
                 state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
@@ -576,14 +607,29 @@ class SoftPatch:
     @property
     def suspicion_(self) -> np.ndarray:
         """``(N,)`` image-level suspicion: mean relative distance to the k = lof_k most similar images."""
+        return self._suspicion(self.config.lof_k)
+
+    @property
+    def wide_suspicion_(self) -> np.ndarray:
+        """``(N,)`` suspicion over the ``NEIGHBOUR_CACHE_K`` most similar images (all cached neighbours).
+
+        Unlike ``suspicion_`` (k = lof_k), a group of up to that many look-alike defective images cannot hide
+        in it: their wide neighbourhoods reach the good images. What "auto" estimates contamination from.
+        """
+        neighbours = self._neighbours()
+        if neighbours is None:
+            return np.zeros(len(self._check_fitted().names), dtype=np.float32)
+        return image_suspicion(neighbours.dist[:, :, :NEIGHBOUR_CACHE_K].mean(-1).T.numpy())
+
+    def _suspicion(self, lof_k: int) -> np.ndarray:
         state = self._check_fitted()
         # The stored values hold for their own k; with the training features at hand, another k is computed.
         if state.suspicion is not None and (state.features is None or state.suspicion_k == self.config.lof_k):
             return state.suspicion
-        neighbours = self._neighbours()
+        neighbours = self._neighbours(lof_k)
         if neighbours is None:
             return np.zeros(len(state.names), dtype=np.float32)
-        k = max(1, min(self.config.lof_k, neighbours.k))
+        k = max(1, min(lof_k, neighbours.k))
         return image_suspicion(neighbours.dist[:, :, :k].mean(-1).T.numpy())
 
     def vetting_report(self) -> VettingReport:

@@ -14,6 +14,7 @@ import numpy as np
 
 from softpatch import SoftPatch
 from softpatch.config import RETUNE_FIELDS
+from softpatch.contamination import Advice, advice
 from softpatch.errors import DataError
 from softpatch.progress import report as report_progress
 from softpatch_app.cache import feature_token, file_token, get_extractor
@@ -135,6 +136,14 @@ def removed_explanation(vet: Vetting, i: int, tau: float, tau_scope: str) -> str
         f"{share:.1%} of this image's patches were removed, {compare} (median {typical:.1%}). {why} The heatmap shows "
         "each patch's outlier score; the outlined squares are the removed ones."
     )
+
+
+def noise_advice(session: SessionData) -> Advice:
+    """The estimated share of defective training images, and a warning when the current settings are weak there."""
+    model = session.model
+    chosen = model.resolved_config_
+    settings = {"discriminator": chosen.discriminator, "lof_k": chosen.lof_k}
+    return advice(model.wide_suspicion_, model.config.discriminator, model.config.lof_k, settings)
 
 
 def embeddings(session: SessionData, model: SoftPatch, paths: Sequence[str], progress=None):

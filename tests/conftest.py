@@ -130,6 +130,7 @@ def small_config() -> SoftPatchConfig:
         feature_dim=96,
         batch_size=8,
         device="cpu",
+        discriminator="lof",  # the paper's: tests of LOF, k and tau mean LOF with exactly that k
     )
 
 

@@ -90,6 +90,30 @@ def test_fit_finds_the_planted_defects(at: AppTest) -> None:
     assert len(at.get("plotly_chart")) >= 1
 
 
+def test_denoise_page_states_its_assumption_and_offers_the_better_setting(
+    at: AppTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from softpatch import contamination
+
+    # The demo hides 4 defective parts among 34 images: the page shows the estimate and what auto chose.
+    assert session(at).model.config.discriminator == "auto", "auto is the default"
+    assert any("Estimated share of suspect images" in c.value and "Auto uses lof" in c.value for c in at.caption)
+    assert not any("look defective" in w.value for w in at.warning), "auto is never a weak spot"
+    # The paper's LOF k=6 with a weak spot that applies here: a warning and its one-click fix, which applies.
+    spot = contamination.WeakSpot("lof", 0.0, "this is a test.", {"discriminator": "auto"}, "Use auto", 8)
+    monkeypatch.setattr(contamination, "WEAK_SPOTS", (spot,))
+    at.selectbox(key="dn_disc").set_value("lof").run()
+    clean(at)
+    assert any("look defective" in w.value and "this is a test." in w.value for w in at.warning)
+    model = session(at).model
+    assert model.config.discriminator == "lof"
+    button(at, "Use auto").click().run()
+    clean(at)
+    assert at.session_state["dn_disc"] == "auto"
+    assert session(at).model is model and model.config.discriminator == "auto", "re-tuned, not refitted"
+    assert not any("look defective" in w.value for w in at.warning)
+
+
 def test_moving_tau_changes_the_removed_count_without_refitting(at: AppTest) -> None:
     model = session(at).model
     before = metric(at, "Patches removed")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from softpatch.benchmark import METHODS, BenchmarkReport, MethodResult, run_benchmark
+from softpatch.benchmark import METHODS, PROTOCOLS, BenchmarkReport, MethodResult, protocol_keep, run_benchmark
 from softpatch.config import SoftPatchConfig
+from softpatch.data import load_mvtec, make_noisy_split
 from softpatch.errors import DataError, SoftPatchError
 from softpatch.model import SoftPatch
 
@@ -45,7 +46,7 @@ class ModelRecorder:
 
 def _run(mvtec_root: Path, config: SoftPatchConfig, methods: list[str], **kwargs) -> BenchmarkReport:
     torch.manual_seed(0)
-    options = {"noise": 0.2, "overlap": True, "seed": 0, **kwargs}
+    options = {"noise": 0.2, "protocol": "overlap", "seed": 0, **kwargs}
     return run_benchmark(mvtec_root, methods=methods, config=config, **options)
 
 
@@ -66,7 +67,8 @@ def test_one_result_per_method_with_metrics_in_range(
             assert value is not None and 0.0 <= value <= 1.0
         assert result.fit_s >= 0 and result.score_s >= 0
     summary = report.config
-    assert (summary["n_train"], summary["n_injected"], summary["n_test"]) == (14, 2, 10)
+    assert (summary["n_train"], summary["n_injected"], summary["n_test"]) == (14, 2, {"overlap": 10})
+    assert summary["protocols"] == ["overlap"] and {r.protocol for r in report.results} == {"overlap"}
     assert summary["backbone"] == "resnet18" and summary["weights"] == "random" and summary["device"] == "cpu"
     assert summary["tau"] == small_config.tau and summary["crop"] == 64
     document = json.loads(json.dumps(report.to_dict()))
@@ -128,8 +130,47 @@ def test_user_settings_apply_to_every_softpatch_method(
 
 
 def test_no_overlap_removes_injected_images_from_the_test_set(mvtec_root: Path, small_config: SoftPatchConfig) -> None:
-    report = _run(mvtec_root, small_config, ["softpatch-nearest"], overlap=False)
-    assert report.config["n_test"] == 10 - 2 and report.config["overlap"] is False
+    report = _run(mvtec_root, small_config, ["softpatch-nearest"], protocol="no-overlap")
+    assert report.config["n_test"] == {"no-overlap": 10 - 2} and report.config["protocols"] == ["no-overlap"]
+    assert [r.protocol for r in report.results] == ["no-overlap"]
+
+
+def test_both_protocols_from_one_fit_equal_each_protocol_alone(
+    monkeypatch: pytest.MonkeyPatch, mvtec_root: Path, small_config: SoftPatchConfig
+) -> None:
+    methods = ["patchcore", "softpatch-lof"]
+    recorder = ModelRecorder(monkeypatch)
+    both = _run(mvtec_root, small_config, methods, protocol="both")
+    assert len(recorder.seen) == len(methods), "each method is fitted and scored once for both protocols"
+    assert both.config["protocols"] == ["overlap", "no-overlap"]
+    assert both.config["n_test"] == {"overlap": 10, "no-overlap": 8}
+    assert [(r.method, r.protocol) for r in both.results] == [(m, p) for m in methods for p in PROTOCOLS]
+    for protocol in PROTOCOLS:
+        alone = _run(mvtec_root, small_config, methods, protocol=protocol)
+        shared = [r for r in both.results if r.protocol == protocol]
+        for a, b in zip(alone.results, shared, strict=True):
+            assert (a.method, a.image_auroc, a.pixel_auroc, a.aupro) == (
+                b.method,
+                b.image_auroc,
+                b.pixel_auroc,
+                b.aupro,
+            )
+    by = {(r.method, r.protocol): r for r in both.results}
+    # The overlap test set holds the two blob images PatchCore memorised: they score low there, so PatchCore
+    # looks worse under overlap than under no-overlap, which leaves them out.
+    assert by["patchcore", "no-overlap"].pixel_auroc > by["patchcore", "overlap"].pixel_auroc
+
+
+def test_protocol_keep_and_unknown_protocol(mvtec_root: Path, small_config: SoftPatchConfig) -> None:
+    split = make_noisy_split(load_mvtec(mvtec_root), noise=0.2, overlap=True, seed=0)
+    keep = protocol_keep(split, "no-overlap")
+    assert keep.shape == (10,) and int(keep.sum()) == 8
+    assert {r.path for r, k in zip(split.test, keep, strict=True) if not k} == {r.path for r in split.injected}
+    assert protocol_keep(split, "overlap").all()
+    with pytest.raises(SoftPatchError, match="unknown protocol"):
+        protocol_keep(split, "sideways")
+    with pytest.raises(SoftPatchError, match="unknown protocol"):
+        _run(mvtec_root, small_config, ["patchcore"], protocol="sideways")
 
 
 def test_unknown_or_no_method(mvtec_root: Path, small_config: SoftPatchConfig) -> None:

@@ -263,11 +263,12 @@ def test_bench_json(mvtec_root: Path) -> None:
     document = json.loads(stdout)
     assert set(document) == {"config", "results"}
     config = document["config"]
-    assert config["n_train"] == 12 + 2 and config["n_injected"] == 2 and config["n_test"] == 10
-    assert config["backbone"] == "resnet18" and config["weights"] == "random" and config["overlap"] is True
+    assert config["n_train"] == 12 + 2 and config["n_injected"] == 2 and config["n_test"] == {"overlap": 10}
+    assert config["backbone"] == "resnet18" and config["weights"] == "random" and config["protocols"] == ["overlap"]
     assert [r["method"] for r in document["results"]] == ["patchcore", "softpatch-lof"]
     for result in document["results"]:
-        assert set(result) == {"method", "image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s"}
+        assert set(result) == {"method", "protocol", "image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s"}
+        assert result["protocol"] == "overlap"
         for key in ("image_auroc", "pixel_auroc", "aupro"):
             assert 0.0 <= result[key] <= 1.0
         assert result["fit_s"] >= 0 and result["score_s"] >= 0
@@ -277,8 +278,39 @@ def test_bench_table(mvtec_root: Path) -> None:
     code, stdout, _ = run(["bench", str(mvtec_root), *SMALL, "--methods", "softpatch-nearest", "--noise", "0.1"])
     assert code == 0
     lines = stdout.splitlines()
-    assert "1 injected" in lines[0] and "no overlap" in lines[0]
-    assert lines[1].split()[0] == "method" and lines[-1].split()[0] == "softpatch-nearest"
+    # Default: both protocols, from one fit.
+    assert "1 injected" in lines[0] and "10 test overlap" in lines[0] and "9 test no-overlap" in lines[0]
+    assert lines[1].split()[:2] == ["method", "protocol"]
+    assert [line.split()[:2] for line in lines[3:]] == [
+        ["softpatch-nearest", "overlap"],
+        ["softpatch-nearest", "no-overlap"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "protocols"),
+    [
+        (["--protocol", "both"], ["overlap", "no-overlap"]),
+        (["--protocol", "no-overlap"], ["no-overlap"]),
+        (["--protocol", "overlap"], ["overlap"]),
+        (["--overlap"], ["overlap"]),  # the old flag, kept as an alias
+    ],
+    ids=["both", "no-overlap", "overlap", "overlap-alias"],
+)
+def test_bench_protocol_option_in_json(mvtec_root: Path, options: list[str], protocols: list[str]) -> None:
+    argv = ["bench", str(mvtec_root), *SMALL, "--methods", "softpatch-nearest", "--noise", "0.2", "--json", *options]
+    code, stdout, stderr = run(argv)
+    assert code == 0, stderr
+    document = json.loads(stdout)
+    assert document["config"]["protocols"] == protocols
+    assert [r["protocol"] for r in document["results"]] == protocols
+    assert document["config"]["n_test"] == {p: {"overlap": 10, "no-overlap": 8}[p] for p in protocols}
+
+
+def test_bench_unknown_protocol_is_one_line(mvtec_root: Path) -> None:
+    code, stdout, stderr = run(["bench", str(mvtec_root), *SMALL, "--protocol", "sideways"])
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and "--protocol" in stderr and "Traceback" not in stderr
 
 
 # ---------------------------------------------------------------- errors: one line, never a traceback

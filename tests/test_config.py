@@ -56,7 +56,7 @@ def test_invalid_value_raises_config_error_naming_the_field(name: str, value: ob
 def test_defaults_follow_the_paper() -> None:
     config = SoftPatchConfig()
     assert (config.backbone, config.layers, config.resize, config.crop) == ("wide_resnet50_2", (2, 3), 256, 224)
-    assert (config.discriminator, config.lof_k, config.tau, config.coreset_ratio) == ("lof", 6, 0.15, 0.1)
+    assert (config.discriminator, config.lof_k, config.tau, config.coreset_ratio) == ("auto", 6, 0.15, 0.1)
     assert config.soft_weight is True
 
 
