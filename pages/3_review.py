@@ -13,7 +13,7 @@ from softpatch_app import exports, loading, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.state import LABELS, SessionData, get_session
-from softpatch_app.ui import need_model, show_notices
+from softpatch_app.ui import need_model, offer_file, show_notices
 from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range
 
 session: SessionData = get_session()
@@ -208,15 +208,10 @@ with c3:
     prepared = session.cleaned_zip
     if prepared:
         path, count = prepared
-        with user_errors("offer the cleaned folder"):
-            with open(path, "rb") as fh:
-                data = fh.read()
-            st.download_button(
-                f"Download cleaned folder ({count} images, {len(data) / 2**20:.1f} MB)",
-                data,
-                file_name=f"{session.dataset_name or 'softpatch'}-cleaned.zip".replace(" ", "_"),
-                mime="application/zip",
-                icon=":material/download:",
-                type="primary",
-                help="A .zip of every training image not marked defective, with its folder names.",
-            )
+        offer_file(
+            path,
+            f"Download cleaned folder ({count} images, {{mb}} MB)",
+            file_name=f"{session.dataset_name or 'softpatch'}-cleaned.zip".replace(" ", "_"),
+            mime="application/zip",
+            help="A .zip of every training image not marked defective, with its folder names.",
+        )

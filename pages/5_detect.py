@@ -147,37 +147,28 @@ with cols[0], user_errors("show the image"):
         st.image(overlay_mask(image, mask, colour=(0, 200, 255), alpha=0.25), caption="Ground truth", width="stretch")
     else:
         st.image(image, caption="Image", width="stretch")
-with cols[1], user_errors("draw the SoftPatch heatmap"):
-    verdict = "DEFECTIVE" if soft.image_scores[i] >= threshold else "good"
-    st.image(
-        detection_overlay(
+
+
+def heatmap(column, name: str, result, cut: float) -> None:
+    """One model's heatmap of image ``i`` against its own threshold, the verdict in the caption."""
+    with column, user_errors(f"draw the {name} heatmap"):
+        score = float(result.image_scores[i])
+        overlay = detection_overlay(
             detection.paths[i],
-            soft.anomaly_maps[i],
+            result.anomaly_maps[i],
             transform,
             alpha=alpha,
             vrange=vrange,
-            threshold=threshold,
-            image_score=float(soft.image_scores[i]),
-        ),
-        caption=f"SoftPatch · score {soft.image_scores[i]:.2f} → {verdict}",
-        width="stretch",
-    )
-if base is not None:
-    with cols[2], user_errors("draw the PatchCore heatmap"):
-        verdict = "DEFECTIVE" if base.image_scores[i] >= base_threshold else "good"
-        st.image(
-            detection_overlay(
-                detection.paths[i],
-                base.anomaly_maps[i],
-                transform,
-                alpha=alpha,
-                vrange=vrange,
-                threshold=base_threshold,
-                image_score=float(base.image_scores[i]),
-            ),
-            caption=f"PatchCore · score {base.image_scores[i]:.2f} → {verdict}",
-            width="stretch",
+            threshold=cut,
+            image_score=score,
         )
+        verdict = "DEFECTIVE" if score >= cut else "good"
+        st.image(overlay, caption=f"{name} · score {score:.2f} → {verdict}", width="stretch")
+
+
+heatmap(cols[1], "SoftPatch", soft, threshold)
+if base is not None:
+    heatmap(cols[2], "PatchCore", base, base_threshold)
 st.caption(
     "Both heatmaps use one colour scale (blue = like the good training patches, red = unlike). Yellow outlines: "
     "the region around the highest scores of every image called defective."

@@ -15,7 +15,7 @@ from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress
 from softpatch_app.reporting import build_session_report
 from softpatch_app.state import SessionData, get_session
-from softpatch_app.ui import device_label, need_model, show_notices
+from softpatch_app.ui import device_label, need_model, offer_file, show_notices
 
 # The reference inference script for line PCs, offered next to the ONNX model.
 INFER_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "softpatch_infer.py"
@@ -227,19 +227,14 @@ with c1:
             session.bundle_file = str(path)
     bundle_path = session.bundle_file
     if bundle_path:
-        with user_errors("offer the bundle"):
-            with open(bundle_path, "rb") as fh:
-                data = fh.read()
-            st.download_button(
-                f"Download bundle ({len(data) / 2**20:.1f} MB)",
-                data,
-                file_name=bundle_path.rsplit("/", 1)[-1],
-                mime="application/octet-stream",
-                icon=":material/download:",
-                type="primary",
-                key="dp_bundle_dl",
-                help="The .softpatch file: load it with softpatch.load_bundle or the softpatch CLI.",
-            )
+        offer_file(
+            bundle_path,
+            "Download bundle ({mb} MB)",
+            file_name=bundle_path.rsplit("/", 1)[-1],
+            mime="application/octet-stream",
+            key="dp_bundle_dl",
+            help="The .softpatch file: load it with softpatch.load_bundle or the softpatch CLI.",
+        )
     bundle_file = (bundle_path or f"{name}.softpatch").rsplit("/", 1)[-1]
     st.code(" ".join(services.cli_score_command(bundle_file)), language="bash")
     st.caption("Prints each image's score and, with the bundle's threshold, whether it is anomalous.")
@@ -263,19 +258,14 @@ with c_onnx:
     onnx_export = session.onnx_export
     if onnx_export:
         onnx_path, summary = onnx_export
-        with user_errors("offer the ONNX model"):
-            with open(onnx_path, "rb") as fh:
-                data = fh.read()
-            st.download_button(
-                f"Download ONNX model ({len(data) / 2**20:.1f} MB)",
-                data,
-                file_name=onnx_path.rsplit("/", 1)[-1],
-                mime="application/octet-stream",
-                icon=":material/download:",
-                type="primary",
-                key="dp_onnx_dl",
-                help="Run it with onnxruntime or OpenVINO; its metadata holds the threshold and the resize/crop.",
-            )
+        if offer_file(
+            onnx_path,
+            "Download ONNX model ({mb} MB)",
+            file_name=onnx_path.rsplit("/", 1)[-1],
+            mime="application/octet-stream",
+            key="dp_onnx_dl",
+            help="Run it with onnxruntime or OpenVINO; its metadata holds the threshold and the resize/crop.",
+        ):
             st.caption(summary)
         st.download_button(
             "Download the inference script",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from softpatch.device import describe_device, resolve_device
-from softpatch_app.guard import message_for
+from softpatch_app.guard import message_for, user_errors
 from softpatch_app.state import SessionData
 
 PAGES = {
@@ -113,3 +113,25 @@ def need_model(session: SessionData) -> bool:
         st.page_link(PAGES["denoise"], label="Go to Denoise", icon=":material/arrow_forward:")
         return False
     return True
+
+
+def offer_file(path: str, label: str, *, file_name: str, mime: str, key: str | None = None, help: str) -> int:
+    """A primary download button for a file this session prepared, its size in the label; returns the size.
+
+    ``label`` may hold ``{mb}``, replaced by the size in MB. A file that vanished becomes a clear error.
+    """
+    with user_errors("offer the download"):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        st.download_button(
+            label.format(mb=f"{len(data) / 2**20:.1f}"),
+            data,
+            file_name=file_name,
+            mime=mime,
+            icon=":material/download:",
+            type="primary",
+            key=key,
+            help=help,
+        )
+        return len(data)
+    return 0
