@@ -92,3 +92,19 @@ def test_auto_is_a_valid_setting_everywhere(small_config: SoftPatchConfig) -> No
     assert parse_setting("discriminator", "auto") == "auto"
     args = build_parser().parse_args(["vet", "folder", "--discriminator", "auto"])
     assert args.discriminator == "auto"
+
+
+def test_a_bundle_keeps_what_auto_chose(auto_config: SoftPatchConfig, extractor, tmp_path) -> None:
+    from softpatch import load_bundle, save_bundle
+
+    features, _ = _features(12)
+    model = _fit(auto_config, extractor, features)
+    model.build_memory_bank()
+    path = save_bundle(model, tmp_path / "auto.softpatch")
+    loaded = load_bundle(path, device="cpu")
+    # Saved as the concrete settings: a loaded model has no training features to choose again from.
+    assert loaded.config.discriminator == "lof" and loaded.config.lof_k == model.resolved_config_.lof_k > 6
+    queries = Embeddings(features[:3], ["a", "b", "c"], [(80, 80)] * 3, auto_config.feature_key())
+    np.testing.assert_allclose(
+        loaded.score(queries, with_maps=False).image_scores, model.score(queries, with_maps=False).image_scores
+    )
