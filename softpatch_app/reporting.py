@@ -26,9 +26,12 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
         "Device": device,
         "Backbone": f"{c.backbone} (stages {list(c.layers)}), weights: {c.weights_source}",
         "Image size": f"resize {c.resize}, centre crop {c.crop}",
-        "Noise discriminator": c.discriminator,
+        # "auto" is reported with what it chose for this training set.
+        "Noise discriminator": c.discriminator
+        if c.discriminator != "auto"
+        else f"auto (chose {model.resolved_config_.discriminator}, k={model.resolved_config_.lof_k})",
         "tau (share of patches removed)": f"{c.tau:.2f}",
-        "LOF neighbours k": c.lof_k,
+        "LOF neighbours k": model.resolved_config_.lof_k,
         "Coreset": f"{c.coreset}, ratio {c.coreset_ratio:g}",
         "Soft weights": "on" if c.soft_weight else "off",
     }
