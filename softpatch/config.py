@@ -506,16 +506,20 @@ PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def parse_setting(name: str, text: str) -> Any:
-    """The value of setting ``name`` written as ``text``, checked; ``ConfigError`` with a clear message otherwise."""
-    setting = SETTINGS[name]
+def parse_value(label: str, setting: Setting, text: str) -> Any:
+    """``text`` parsed by ``setting``'s kind and checked; ``ConfigError`` naming ``label`` otherwise."""
     if setting.optional and setting.kind != "path" and text.strip().lower() in ("", "none", "auto"):
         return None
     try:
         value = PARSERS[setting.kind](text)
     except ValueError as exc:
-        raise ConfigError(f"{name} {exc}") from None
-    return check_value(name, setting, value)
+        raise ConfigError(f"{label} {exc}") from None
+    return check_value(label, setting, value)
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """The value of config setting ``name`` written as ``text`` (a CLI argument, a widget, an environment value)."""
+    return parse_value(name, SETTINGS[name], text)
 
 
 SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(SoftPatchConfig)}

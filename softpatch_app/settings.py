@@ -24,10 +24,9 @@ from softpatch.config import (
     Setting,
     SoftPatchConfig,
     check_setting,
-    check_value,
     parse_setting,
+    parse_value,
 )
-from softpatch.config import PARSERS as _PARSERS
 from softpatch.errors import SoftPatchError
 from softpatch.limits import LoadLimits
 from softpatch.workspace import ENV_WORK_DIR, default_base
@@ -192,8 +191,8 @@ def _env_value(env: Mapping[str, str], var: str, setting: Setting, default: Any,
     if not raw:
         return default
     try:
-        return check_value(var, setting, _PARSERS[setting.kind](raw))
-    except (ValueError, ConfigError) as exc:
+        return parse_value(var, setting, raw)
+    except ConfigError as exc:
         detail = str(exc).removeprefix(f"{var} ")
         warnings.append(f"{var}={raw[:80]!r} is not valid ({detail}); using {default!r}.")
         return default

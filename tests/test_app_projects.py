@@ -7,35 +7,23 @@ the page script, not ``app.py``, so these tests call ``save_project`` where the 
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from softpatch.workspace import MARKER_NAME
 from softpatch_app import project
 from softpatch_app.project import save_project
-from tests.apptest_helpers import button, session
-
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
+from tests.apptest_helpers import APP, button, png, session
 
 
 @pytest.fixture
 def env(app_env):
     return app_env
-
-
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((100 + 30 * rng.random((40, 56, 3))).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def clean(at: AppTest) -> None:

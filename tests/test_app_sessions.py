@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import gc
-import io
 import threading
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.apptest_helpers import button, session
-
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
-WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+from tests.apptest_helpers import APP, button, png, session
 
 
 @pytest.fixture
 def env(app_env):
     return app_env
-
-
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((100 + 30 * rng.random((40, 56, 3))).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_two_sessions_fitting_at_once_stay_separate(env) -> None:
