@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from softpatch import metrics  # noqa: E402
-from softpatch.bundle import save_bundle  # noqa: E402
 from softpatch.config import SoftPatchConfig  # noqa: E402
-from softpatch.data import load_mvtec  # noqa: E402
-from softpatch.export import compare_with_scorer, export_model  # noqa: E402
-from softpatch.images import load_image  # noqa: E402
-from softpatch.model import SoftPatch  # noqa: E402
+from softpatch.deployment.bundle import save_bundle  # noqa: E402
+from softpatch.deployment.export import compare_with_scorer, export_model  # noqa: E402
+from softpatch.io.datasets import load_mvtec  # noqa: E402
+from softpatch.io.images import load_image  # noqa: E402
+from softpatch.method.model import SoftPatch  # noqa: E402
 
 SHARED = Path(os.environ.get("SOFTPATCH_SHARED_DIR") or ROOT.parent / "shared")  # as in tests/conftest.py
 MOBILENET = SHARED / "weights" / "mobilenetv1_100_keras_in1k.safetensors"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from softpatch.data import scan_images
 from softpatch.errors import SoftPatchError
-from softpatch.safezip import extract_zip
+from softpatch.io.datasets import scan_images
+from softpatch.io.safezip import extract_zip
 from tests.hostile_corpus import build_corpus, image_root
 
 

@@ -2,7 +2,7 @@
 
 For each category of ``../shared/data`` (magnetic_tile, battery_weld), each seed and each noise level, the
 paper's noisy split (seeds/000 sec. 4.1) injects ``int(noise * n_train)`` defective test images into the
-training set; every method in ``softpatch.benchmark.METHODS`` is fitted on it and scored on the test set
+training set; every method in ``softpatch.evaluation.benchmark.METHODS`` is fitted on it and scored on the test set
 under both protocols:
 
 - overlap: the injected images stay in the test set (the paper's protocol);
@@ -57,12 +57,12 @@ TILE_TEST_PER_CLASS = 16
 NOISES = (0.0, 0.1, 0.2, 0.3)
 PROTOCOLS = ("overlap", "no-overlap")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-# Sweep-only candidates beside softpatch.benchmark.METHODS: LOF with k above the number of look-alike defects.
+# Sweep-only candidates beside softpatch.evaluation.benchmark.METHODS: LOF with k above the number of look-alike defects.
 EXTRA_METHODS: dict[str, dict[str, object]] = {"softpatch-lof-k32": {"discriminator": "lof", "lof_k": 32}}
 
 
 def all_methods() -> dict[str, dict[str, object]]:
-    from softpatch.benchmark import METHODS
+    from softpatch.evaluation.benchmark import METHODS
 
     return {**METHODS, **EXTRA_METHODS}
 
@@ -89,8 +89,8 @@ def _spread(items: list[Path], count: int) -> list[Path]:
 
 
 def load_category(name: str) -> Any:
-    """The category as a ``softpatch.data.Dataset`` (magnetic_tile is laid out as one here)."""
-    from softpatch.data import Dataset, ImageFolder, ImageRecord, load_mvtec
+    """The category as a ``softpatch.io.datasets.Dataset`` (magnetic_tile is laid out as one here)."""
+    from softpatch.io.datasets import Dataset, ImageFolder, ImageRecord, load_mvtec
 
     if name != "magnetic_tile":
         return load_mvtec(DATA / name)
@@ -119,8 +119,8 @@ def category_features(name: str, dataset: Any, cache_dir: Path) -> tuple[dict[Pa
     """
     import torch
 
-    from softpatch.benchmark import _test_masks
-    from softpatch.model import SoftPatch
+    from softpatch.evaluation.benchmark import _test_masks
+    from softpatch.method.model import SoftPatch
 
     records = list(dataset.train.records) + list(dataset.test.records)
     rows = {r.path: i for i, r in enumerate(records)}
@@ -140,7 +140,7 @@ def category_features(name: str, dataset: Any, cache_dir: Path) -> tuple[dict[Pa
 
 
 def _metrics(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray) -> dict:
-    from softpatch.metrics import aupro, image_auroc, pixel_auroc
+    from softpatch.evaluation.metrics import aupro, image_auroc, pixel_auroc
 
     out = {"image_auroc": image_auroc(labels, image_scores), "pixel_auroc": None, "aupro": None}
     if masks is not None:
@@ -162,9 +162,9 @@ def run_split(
     save: Any,
 ) -> None:
     """Fit every missing method of one (category, seed, noise) and store both protocols' metrics."""
-    from softpatch.data import make_noisy_split
-    from softpatch.denoise import image_suspicion
-    from softpatch.model import Embeddings, SoftPatch
+    from softpatch.io.datasets import make_noisy_split
+    from softpatch.method.denoise import image_suspicion
+    from softpatch.method.model import Embeddings, SoftPatch
 
     todo = [m for m in methods if _key(name, seed, noise, m) not in done]
     if not todo:

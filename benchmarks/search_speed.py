@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from speed import DATA, FIT_PARAMS, MOBILENET, workload  # noqa: E402
 
 from softpatch.config import SoftPatchConfig  # noqa: E402
-from softpatch.data import scan_images  # noqa: E402
-from softpatch.memory_bank import _BOUNDED_MIN_ROWS  # noqa: E402
-from softpatch.model import SoftPatch  # noqa: E402
+from softpatch.io.datasets import scan_images  # noqa: E402
+from softpatch.method.memory_bank import _BOUNDED_MIN_ROWS  # noqa: E402
+from softpatch.method.model import SoftPatch  # noqa: E402
 
 CPU = torch.device("cpu")
 MOBILENET_PARAMS = {

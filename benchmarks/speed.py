@@ -289,7 +289,7 @@ def child_softpatch(args: argparse.Namespace) -> dict[str, Any]:
 
 def _accuracy_sets() -> dict[str, tuple[list[str], list[str], list[int], list[str | None]]]:
     """name -> (train paths, test paths, test labels, test mask paths) for the shared datasets."""
-    from softpatch.data import load_mvtec
+    from softpatch.io.datasets import load_mvtec
 
     sets = {}
     train, score = workload(BASE_IMAGES)
@@ -311,8 +311,8 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from softpatch import SoftPatch, SoftPatchConfig
-    from softpatch.images import load_mask
-    from softpatch.metrics import image_auroc, pixel_auroc
+    from softpatch.evaluation.metrics import image_auroc, pixel_auroc
+    from softpatch.io.images import load_mask
 
     backbones = {
         "wide_resnet50_2 (random init)": {"backbone": "wide_resnet50_2", "pretrained": False},

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from softpatch.data import ImageFolder, ImageRecord, SkippedFile, scan_images
 from softpatch.errors import DataError, SoftPatchError
-from softpatch.images import load_image
-from softpatch.paths import ReadScope, is_within
+from softpatch.io.datasets import ImageFolder, ImageRecord, SkippedFile, scan_images
+from softpatch.io.images import load_image
+from softpatch.io.paths import ReadScope, is_within
 from softpatch_app import loading, services
 from softpatch_app.cache import image_sizes, thumbnail_png
 from softpatch_app.guard import user_errors

@@ -9,9 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from softpatch.config import DEVICES
-from softpatch.contamination import AUTO
-from softpatch.discriminators import DISCRIMINATORS, NEIGHBOUR_CACHE_K
 from softpatch.errors import WeightsError
+from softpatch.method.contamination import AUTO
+from softpatch.method.discriminators import DISCRIMINATORS, NEIGHBOUR_CACHE_K
 from softpatch_app import plots, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from softpatch.data import scan_images
-from softpatch.paths import ReadScope
+from softpatch.io.datasets import scan_images
+from softpatch.io.paths import ReadScope
 from softpatch_app import loading, plots, services
 from softpatch_app.cache import load_rgb, mask_for
 from softpatch_app.guard import user_errors

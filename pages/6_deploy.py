@@ -7,9 +7,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from softpatch import metrics
-from softpatch.bundle import save_bundle
-from softpatch.export import export_model
+from softpatch.deployment.bundle import save_bundle
+from softpatch.deployment.export import export_model
+from softpatch.evaluation import metrics
 from softpatch_app import plots, services
 from softpatch_app.guard import user_errors
 from softpatch_app.progress import StageProgress

@@ -10,22 +10,22 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names, for type checkers and editors
-    from softpatch.bundle import load_bundle, save_bundle  # noqa: F401
     from softpatch.config import ConfigError, SoftPatchConfig  # noqa: F401
+    from softpatch.deployment.bundle import load_bundle, save_bundle  # noqa: F401
     from softpatch.errors import SoftPatchError  # noqa: F401
-    from softpatch.model import Embeddings, ScoreResult, SoftPatch, VettingReport  # noqa: F401
+    from softpatch.method.model import Embeddings, ScoreResult, SoftPatch, VettingReport  # noqa: F401
 
 # Public name -> the module that defines it.
 _PUBLIC = {
     "ConfigError": "softpatch.config",
-    "Embeddings": "softpatch.model",
-    "ScoreResult": "softpatch.model",
-    "SoftPatch": "softpatch.model",
+    "Embeddings": "softpatch.method.model",
+    "ScoreResult": "softpatch.method.model",
+    "SoftPatch": "softpatch.method.model",
     "SoftPatchConfig": "softpatch.config",
     "SoftPatchError": "softpatch.errors",
-    "VettingReport": "softpatch.model",
-    "load_bundle": "softpatch.bundle",
-    "save_bundle": "softpatch.bundle",
+    "VettingReport": "softpatch.method.model",
+    "load_bundle": "softpatch.deployment.bundle",
+    "save_bundle": "softpatch.deployment.bundle",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
-from softpatch.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.errors import SoftPatchError
-from softpatch.protocols import PROTOCOL_CHOICES
+from softpatch.evaluation.duplicates import DEFAULT_NEAR_RATIO
+from softpatch.evaluation.protocols import PROTOCOL_CHOICES
 
 # Which settings each command offers, by group; every option is derived from the settings' declaration.
 _BACKBONE_GROUP = (
@@ -135,9 +135,9 @@ def _count(minimum: int):
 
 
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
-    from softpatch.threshold import DEFAULT_FOLDS
+    from softpatch.evaluation.threshold import DEFAULT_FOLDS
 
-    group = parser.add_argument_group("threshold from good images alone (softpatch.threshold)")
+    group = parser.add_argument_group("threshold from good images alone (softpatch.evaluation.threshold)")
     group.add_argument(
         "--threshold-fpr",
         type=_fraction,
@@ -190,7 +190,7 @@ def _progress(quiet: bool):
 
 
 def _training_images(path: str) -> list:
-    from softpatch.data import scan_images
+    from softpatch.io.datasets import scan_images
 
     folder = scan_images(path)
     for skipped in folder.skipped:
@@ -199,14 +199,14 @@ def _training_images(path: str) -> list:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from softpatch.bundle import save_bundle
-    from softpatch.model import SoftPatch
+    from softpatch.deployment.bundle import save_bundle
+    from softpatch.method.model import SoftPatch
 
     records = _training_images(args.train_dir)
     model = SoftPatch(_config(args)).fit(records, progress=_progress(args.quiet))
     chosen = None
     if args.threshold_fpr is not None:
-        from softpatch.threshold import threshold_from_good_images
+        from softpatch.evaluation.threshold import threshold_from_good_images
 
         chosen = threshold_from_good_images(
             model,
@@ -259,8 +259,8 @@ def _score_inputs(paths: Sequence[str]) -> list:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from softpatch.bundle import load_bundle
-    from softpatch.images import load_image
+    from softpatch.deployment.bundle import load_bundle
+    from softpatch.io.images import load_image
 
     model = load_bundle(args.bundle, device=args.device)
     inputs = _score_inputs(args.paths)
@@ -285,7 +285,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             "weights overflow on them; refit, or check where the bundle came from"
         )
     if args.heatmaps:
-        from softpatch.heatmaps import save_heatmaps
+        from softpatch.io.heatmaps import save_heatmaps
 
         save_heatmaps(result, model.transform_, usable, Path(args.heatmaps))
     rows = [
@@ -311,8 +311,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_vet(args: argparse.Namespace) -> int:
-    from softpatch.csvsafe import write_csv
-    from softpatch.model import SoftPatch
+    from softpatch.io.csvsafe import write_csv
+    from softpatch.method.model import SoftPatch
 
     records = _training_images(args.train_dir)
     # Vetting needs only features and noise scores; the memory bank is never built.
@@ -329,8 +329,8 @@ def _cmd_vet(args: argparse.Namespace) -> int:
 
 def _test_images(path: str) -> list:
     """A test folder's images: its test split when it is in MVTec AD layout, else every image under it."""
-    from softpatch.data import load_mvtec
     from softpatch.errors import DataError
+    from softpatch.io.datasets import load_mvtec
 
     try:
         dataset = load_mvtec(path)
@@ -341,7 +341,7 @@ def _test_images(path: str) -> list:
 
 def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
     """Exact and near duplicates within the training folder and, with --test-dir, leaks into the test set."""
-    from softpatch.duplicates import find_duplicates
+    from softpatch.evaluation.duplicates import find_duplicates
 
     test = _test_images(args.test_dir) if args.test_dir else []
     test_features = model.embed(test, progress=_progress(args.quiet)).features if test else None
@@ -364,7 +364,7 @@ def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from softpatch.benchmark import METHODS, run_benchmark
+    from softpatch.evaluation.benchmark import METHODS, run_benchmark
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     report = run_benchmark(
@@ -390,7 +390,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from softpatch.export import export_model
+    from softpatch.deployment.export import export_model
 
     report = export_model(args.bundle, args.output, format=args.format, threshold=args.threshold)
     print(report.summary())

@@ -3,7 +3,7 @@
 Each field of ``SoftPatchConfig`` carries a ``Setting`` in its metadata: its kind, bounds or choices, a
 line of help and its role. Everything that takes settings from outside is derived from that declaration
 and checked by it: the CLI's options (``softpatch.cli``), the app's environment variables and widgets
-(``softpatch_app.settings``) and bundles (``softpatch.bundle``, through ``SoftPatchConfig.from_dict``).
+(``softpatch_app.settings``) and bundles (``softpatch.deployment.bundle``, through ``SoftPatchConfig.from_dict``).
 A value is therefore validated the same way wherever it enters, and a new setting is one new field.
 """
 
@@ -71,10 +71,13 @@ def _number(value: float | None) -> str:
 
 
 def _discriminator_names() -> tuple[str, ...]:
-    from softpatch.contamination import AUTO
-    from softpatch.discriminators import DISCRIMINATORS  # late: discriminators imports torch
+    from softpatch.method.contamination import AUTO
+    from softpatch.method.discriminators import DISCRIMINATORS  # late: discriminators imports torch
 
-    return (*DISCRIMINATORS, AUTO)  # "auto": chosen per training set from its suspicion (softpatch.contamination)
+    return (
+        *DISCRIMINATORS,
+        AUTO,
+    )  # "auto": chosen per training set from its suspicion (softpatch.method.contamination)
 
 
 def _fusion_members() -> tuple[str, ...]:
@@ -107,7 +110,7 @@ class SoftPatchConfig:
 
     Defaults follow the paper (seeds/000): wide_resnet50_2 stages 2+3, resize 256 / crop 224, tau=0.15,
     greedy coreset of 10%, soft re-weighting on; but the discriminator is "auto" (LOF with k >= 6 raised to
-    the estimated number of defective images, see softpatch.contamination and the README's noise sweep).
+    the estimated number of defective images, see softpatch.method.contamination and the README's noise sweep).
     """
 
     # --- images

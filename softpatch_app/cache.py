@@ -13,9 +13,9 @@ import streamlit as st
 from PIL import Image
 
 from softpatch.config import SoftPatchConfig
-from softpatch.device import resolve_device
-from softpatch.images import image_size, load_image
-from softpatch.limits import LoadLimits
+from softpatch.io.images import image_size, load_image
+from softpatch.io.limits import LoadLimits
+from softpatch.runtime.device import resolve_device
 from softpatch_app.imaging import png_bytes, thumbnail
 
 
@@ -43,7 +43,7 @@ def extractor_key(config: SoftPatchConfig) -> tuple:
 
 @st.cache_resource(max_entries=3, show_spinner=False)
 def _extractor(key: tuple, _config: SoftPatchConfig):
-    from softpatch.model import build_extractor
+    from softpatch.method.model import build_extractor
 
     return build_extractor(_config, resolve_device(_config.device))
 
@@ -99,7 +99,7 @@ def mask_for(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarra
     w, h = size
     if not path:
         return np.zeros((h, w), dtype=bool)
-    from softpatch.images import load_mask
+    from softpatch.io.images import load_mask
 
     mask = load_mask(path)
     if mask.shape != (h, w):

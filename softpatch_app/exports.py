@@ -7,12 +7,12 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from softpatch.csvsafe import write_csv
-from softpatch.data import ImageRecord
+from softpatch.io.csvsafe import write_csv
+from softpatch.io.datasets import ImageRecord
 
 
 def _csv(rows: Sequence[dict], fields: Sequence[str]) -> str:
-    """The CSV text (cells that a spreadsheet would run as formulas are neutralised: ``softpatch.csvsafe``)."""
+    """The CSV text (cells that a spreadsheet would run as formulas are neutralised: ``softpatch.io.csvsafe``)."""
     buf = io.StringIO()
     write_csv(buf, rows, fields)
     return buf.getvalue()

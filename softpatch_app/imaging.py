@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from softpatch.heatmaps import colourize
+from softpatch.io.heatmaps import colourize
 
 REMOVED_COLOUR = (255, 40, 40)
 OUTLINE_COLOUR = (255, 255, 0)

@@ -1,8 +1,8 @@
 """Loading a training or test set four ways (browser folder, zip, server folder, demo) into a session.
 
-IO glue only: uploads go through ``softpatch.uploads.save_uploads`` (zips through
-``softpatch.safezip.extract_zip``) into the session's own workspace folder; folders are read with
-``softpatch.data.scan_images`` / ``load_mvtec`` within a ``ReadScope`` (the session's workspace for uploads,
+IO glue only: uploads go through ``softpatch_app.uploads.save_uploads`` (zips through
+``softpatch.io.safezip.extract_zip``) into the session's own workspace folder; folders are read with
+``softpatch.io.datasets.scan_images`` / ``load_mvtec`` within a ``ReadScope`` (the session's workspace for uploads,
 the server-path policy's roots minus the work folder for server folders: ``softpatch_app.server_paths``).
 Every refusal is a ``DataError`` with a clear message.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from softpatch.data import (
+from softpatch.errors import DataError
+from softpatch.io.datasets import (
     OUTSIDE_REASON,
     ImageFolder,
     ImageRecord,
@@ -23,14 +24,13 @@ from softpatch.data import (
     mask_index,
     scan_images,
 )
-from softpatch.demo import DemoManifest, generate_demo_dataset, load_demo_manifest
-from softpatch.errors import DataError
-from softpatch.images import IMAGE_EXTENSIONS
-from softpatch.limits import LoadLimits
-from softpatch.paths import ReadScope, is_within
-from softpatch.safezip import extract_zip
-from softpatch.uploads import save_uploads
-from softpatch.workspace import Workspace
+from softpatch.io.demo import DemoManifest, generate_demo_dataset, load_demo_manifest
+from softpatch.io.images import IMAGE_EXTENSIONS
+from softpatch.io.limits import LoadLimits
+from softpatch.io.paths import ReadScope, is_within
+from softpatch.io.safezip import extract_zip
+from softpatch_app.uploads import save_uploads
+from softpatch_app.workspace import Workspace
 
 SOURCES = ("demo", "browser folder", "zip", "server folder")
 
@@ -93,7 +93,7 @@ def read_training_folder(
 ) -> LoadResult:
     """A training set from ``root``: an MVTec category (train/good + test) or any folder of images.
 
-    Nothing outside ``scope`` is read (see ``softpatch.paths.ReadScope``)."""
+    Nothing outside ``scope`` is read (see ``softpatch.io.paths.ReadScope``)."""
     root = Path(root)
     if is_mvtec_root(root):
         ds = load_mvtec(root, limits=limits, scope=scope)
@@ -197,7 +197,7 @@ def save_browser_files(files, workspace: Workspace, slot: str, limits: LoadLimit
 
 
 def save_zip(uploaded, workspace: Workspace, slot: str, limits: LoadLimits) -> tuple[Path, list[SkippedFile]]:
-    """Extract one uploaded .zip into the workspace (safely: see ``softpatch.safezip``)."""
+    """Extract one uploaded .zip into the workspace (safely: see ``softpatch.io.safezip``)."""
     if uploaded is None:
         raise DataError("no zip file was uploaded")
     data = uploaded.getvalue()
@@ -210,7 +210,7 @@ def save_zip(uploaded, workspace: Workspace, slot: str, limits: LoadLimits) -> t
     if not result.extracted:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in result.skipped[:3])
         raise DataError(f"{uploaded.name} contains no usable files" + (f" ({reasons})" if reasons else ""))
-    from softpatch.safezip import single_folder_root
+    from softpatch.io.safezip import single_folder_root
 
     return single_folder_root(result.root, list(result.extracted)), list(result.skipped)
 

@@ -1,6 +1,6 @@
 """Projects: a session's work kept on the server under an unguessable id, restored on refresh or restart.
 
-A project is a persistent ``softpatch.workspace.Workspace`` at ``<work dir>/projects/<id>``. The id is made
+A project is a persistent ``softpatch_app.workspace.Workspace`` at ``<work dir>/projects/<id>``. The id is made
 here only (``secrets.token_urlsafe``, 192 bits) and travels in the page address (``?project=<id>``): the
 address is the key, and nothing else leads to a project. An id from an address is checked against
 ``PROJECT_ID`` before it becomes part of a path, and only an existing project folder is opened: an unknown
@@ -12,7 +12,7 @@ What a project folder holds (all written atomically: temporary file, then rename
   folder for uploads, to the shared demo folder for the demo, absolute for server folders), skipped files.
 - ``project.json``: the settings, the fitted model's settings and its bundle's file name, labels, review
   position, threshold and how it was chosen.
-- ``model-<n>.softpatch``: the fitted model (``softpatch.bundle``, with the training features, so that
+- ``model-<n>.softpatch``: the fitted model (``softpatch.deployment.bundle``, with the training features, so that
   re-tuning after a restore works as before), rewritten after each fit.
 - ``uploads/``, ``exports/``: uploaded files and prepared downloads, as before.
 
@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from softpatch.config import ConfigError, SoftPatchConfig
-from softpatch.data import ImageFolder, ImageRecord, SkippedFile
-from softpatch.demo import load_demo_manifest
 from softpatch.errors import DataError, SoftPatchError
-from softpatch.workspace import Workspace
+from softpatch.io.datasets import ImageFolder, ImageRecord, SkippedFile
+from softpatch.io.demo import load_demo_manifest
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.server_paths import ServerPaths
 from softpatch_app.settings import AppSettings, Environment
 from softpatch_app.state import LABELS, SessionData
+from softpatch_app.workspace import Workspace
 
 log = logging.getLogger("softpatch_app")
 
@@ -290,7 +290,7 @@ class ProjectStore:
             if session.model is None:
                 self._bundle = None
             else:
-                from softpatch.bundle import save_bundle
+                from softpatch.deployment.bundle import save_bundle
 
                 self._bundle_gen += 1
                 name = f"{BUNDLE_PREFIX}{self._bundle_gen}{BUNDLE_SUFFIX}"
@@ -421,8 +421,8 @@ def _settings(saved: object, defaults: AppSettings) -> AppSettings:
 
 def _restore_model(session: SessionData, saved: dict, env: Environment, notes: list[str]) -> str | None:
     """Load the bundle named in ``saved`` into ``session``; returns its file name, or None (with a note)."""
-    from softpatch.bundle import load_bundle
-    from softpatch.model import RETUNE_FIELDS
+    from softpatch.deployment.bundle import load_bundle
+    from softpatch.method.model import RETUNE_FIELDS
 
     name = saved.get("bundle")
     if not isinstance(name, str) or not re.fullmatch(rf"{BUNDLE_PREFIX}\d+{re.escape(BUNDLE_SUFFIX)}", name):

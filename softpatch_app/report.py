@@ -44,7 +44,7 @@ class ReportContent:
     heatmaps: list[ReportImage] = field(default_factory=list)
     metrics: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> metric -> value
     threshold: dict[str, str] = field(default_factory=dict)
-    duplicates: list[dict[str, object]] = field(default_factory=list)  # softpatch.duplicates rows
+    duplicates: list[dict[str, object]] = field(default_factory=list)  # softpatch.evaluation.duplicates rows
     duplicates_summary: str = ""
     figures: list[tuple[str, go.Figure]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

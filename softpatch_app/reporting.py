@@ -126,7 +126,7 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             content.figures.append(
                 ("Scores per class", plots.score_histogram(soft.image_scores, labels, threshold=threshold))
             )
-            from softpatch import metrics
+            from softpatch.evaluation import metrics
 
             point = metrics.operating_point(
                 labels[~leaked],

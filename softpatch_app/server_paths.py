@@ -25,9 +25,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from softpatch.data import is_hidden_name
 from softpatch.errors import DataError
-from softpatch.paths import ReadScope, is_within, resolve_path
+from softpatch.io.datasets import is_hidden_name
+from softpatch.io.paths import ReadScope, is_within, resolve_path
 
 __all__ = ["APP_ROOT", "ServerPaths", "default_roots", "is_loopback", "server_path_policy"]
 

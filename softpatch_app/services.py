@@ -14,9 +14,9 @@ import numpy as np
 
 from softpatch import SoftPatch
 from softpatch.config import RETUNE_FIELDS
-from softpatch.contamination import Advice, advice
 from softpatch.errors import DataError
-from softpatch.progress import report as report_progress
+from softpatch.method.contamination import Advice, advice
+from softpatch.runtime.progress import report as report_progress
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.settings import APP_CONFIG_SETTINGS, AppSettings
@@ -238,7 +238,7 @@ def ground_truth(detection: Detection, transform) -> np.ndarray | None:
 
     Good images are all False; defective images without a mask are left out of pixel metrics (``pixel_subset``).
     """
-    from softpatch.images import load_mask
+    from softpatch.io.images import load_mask
 
     if detection.labels is None or not any(detection.mask_paths):
         return None
@@ -261,12 +261,12 @@ def pixel_subset(detection: Detection) -> np.ndarray:
 
 def duplicates(session: SessionData, progress=None):
     """Exact and near duplicates within the training set and between it and the test set
-    (``softpatch.duplicates.find_duplicates``), memoised per files, model and test features.
+    (``softpatch.evaluation.duplicates.find_duplicates``), memoised per files, model and test features.
 
     Near copies need features: the fitted model's training features, and the test features once the test
     set has been scored (Detect); until then only identical pixels are compared.
     """
-    from softpatch.duplicates import find_duplicates
+    from softpatch.evaluation.duplicates import find_duplicates
 
     if session.train is None:
         return None
@@ -311,10 +311,10 @@ def leaked_mask(session: SessionData, detection: Detection, progress=None) -> np
 def evaluate(
     detection: Detection, transform, exclude: np.ndarray | None = None, progress=None
 ) -> dict[str, dict[str, object]]:
-    """Image AUROC, pixel AUROC and AUPRO (``softpatch.metrics``) per model, without the images where
+    """Image AUROC, pixel AUROC and AUPRO (``softpatch.evaluation.metrics``) per model, without the images where
     ``exclude`` (n,) is True (e.g. leaked test images); a metric that is undefined for this test set is given
     as a short reason instead of a number."""
-    from softpatch import metrics
+    from softpatch.evaluation import metrics
 
     keep = np.ones(len(detection.names), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
     memo_key = tuple(np.flatnonzero(~keep).tolist())
@@ -350,7 +350,7 @@ def evaluate(
 
 
 def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) of the image-level ROC curve, for drawing (the AUROC itself comes from softpatch.metrics)."""
+    """(fpr, tpr) of the image-level ROC curve, for drawing (the AUROC itself comes from softpatch.evaluation.metrics)."""
     from sklearn.metrics import roc_curve
 
     fpr, tpr, _ = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64))
@@ -385,8 +385,8 @@ class ChosenThreshold:
     threshold: float
     method: str
     chosen_on_test: bool  # the labelled test images chose it: figures on them are in-sample
-    good: object | None = None  # softpatch.threshold.GoodImageThreshold for the "good" rule
-    f1: object | None = None  # softpatch.metrics.ThresholdChoice for the "f1" rule
+    good: object | None = None  # softpatch.evaluation.threshold.GoodImageThreshold for the "good" rule
+    f1: object | None = None  # softpatch.evaluation.metrics.ThresholdChoice for the "f1" rule
 
 
 def marked_defective(session: SessionData) -> list[str]:
@@ -403,9 +403,9 @@ def marked_defective(session: SessionData) -> list[str]:
 
 
 def good_image_threshold(session: SessionData, model: SoftPatch, rule: ThresholdRule, progress=None):
-    """``softpatch.threshold.threshold_from_good_images`` for ``model`` (SoftPatch or its PatchCore variant),
+    """``softpatch.evaluation.threshold.threshold_from_good_images`` for ``model`` (SoftPatch or its PatchCore variant),
     leaving out the images marked defective; memoised per model settings, exclusions and target."""
-    from softpatch.threshold import threshold_from_good_images
+    from softpatch.evaluation.threshold import threshold_from_good_images
 
     exclude = tuple(marked_defective(session))
     key = (
@@ -439,7 +439,7 @@ def threshold_by_rule(
     progress=None,
 ) -> ChosenThreshold:
     """Apply ``rule`` to ``model`` with its own test ``scores`` (n,) and ``labels`` (n,) where the rule needs them."""
-    from softpatch import metrics
+    from softpatch.evaluation import metrics
 
     has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
     if rule.kind == "f1" and has_both:
@@ -540,7 +540,7 @@ class CoresetView:
 
 
 def coreset_view(session: SessionData, max_points: int, progress=None) -> CoresetView:
-    from softpatch.denoise import soft_weights
+    from softpatch.method.denoise import soft_weights
     from softpatch_app.embedding import subsample
 
     model = session.model

@@ -28,8 +28,8 @@ from softpatch.config import (
     parse_value,
 )
 from softpatch.errors import SoftPatchError
-from softpatch.limits import LoadLimits
-from softpatch.workspace import ENV_WORK_DIR, default_base
+from softpatch.io.limits import LoadLimits
+from softpatch_app.workspace import ENV_WORK_DIR, default_base
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BACKBONE = DEFAULTS["backbone"]

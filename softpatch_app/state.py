@@ -17,11 +17,11 @@ from typing import Any
 
 import streamlit as st
 
-from softpatch.demo import DemoManifest
-from softpatch.workspace import Workspace, cleanup_stale
+from softpatch.io.demo import DemoManifest
 from softpatch_app.loading import LoadedSplit, LoadResult, load_demo
 from softpatch_app.server_paths import ServerPaths, server_path_policy
 from softpatch_app.settings import AppSettings, Environment, read_environment
+from softpatch_app.workspace import Workspace, cleanup_stale
 
 log = logging.getLogger("softpatch_app")
 KEY = "_softpatch_session"
@@ -53,7 +53,9 @@ class SessionData:
     model_records: list = field(default_factory=list)  # the training records the model was fitted on
     results: dict = field(default_factory=dict)  # (model token, files) -> Detection
     embed_memo: dict = field(default_factory=dict)  # (feature token, files) -> Embeddings
-    duplicates_memo: dict = field(default_factory=dict)  # (files, features) -> softpatch.duplicates.DuplicateReport
+    duplicates_memo: dict = field(
+        default_factory=dict
+    )  # (files, features) -> softpatch.evaluation.duplicates.DuplicateReport
     # review
     labels: dict[str, str] = field(default_factory=dict)  # training image name -> one of LABELS
     review_pos: int = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from softpatch.device import describe_device, resolve_device
+from softpatch.runtime.device import describe_device, resolve_device
 from softpatch_app.guard import message_for, user_errors
 from softpatch_app.state import SessionData
 

@@ -58,10 +58,10 @@ def detection_overlay(
 ) -> Image.Image:
     """A test image under its anomaly map (mapped back by the core's transform), region over threshold outlined.
 
-    With ``image_score``, the outline follows the image's verdict (``softpatch.heatmaps.outline_level``):
+    With ``image_score``, the outline follows the image's verdict (``softpatch.io.heatmaps.outline_level``):
     every image called defective shows one, no image that passes does.
     """
-    from softpatch.heatmaps import outline_level
+    from softpatch.io.heatmaps import outline_level
 
     image = load_rgb(path)
     if px:

@@ -175,7 +175,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mobilenet_weights: 
 @pytest.fixture(scope="session")
 def extractor(small_config: SoftPatchConfig):
     """One random-init resnet18 extractor, built under a fixed torch seed and shared (read-only) by the tests."""
-    from softpatch.model import build_extractor
+    from softpatch.method.model import build_extractor
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -184,14 +184,14 @@ def extractor(small_config: SoftPatchConfig):
 
 @pytest.fixture(scope="session")
 def train_embeddings(small_config: SoftPatchConfig, extractor, synthetic_set: SyntheticSet):
-    from softpatch.model import SoftPatch
+    from softpatch.method.model import SoftPatch
 
     return SoftPatch(small_config, extractor=extractor).embed(synthetic_set.train)
 
 
 @pytest.fixture(scope="session")
 def eval_embeddings(small_config: SoftPatchConfig, extractor, synthetic_set: SyntheticSet):
-    from softpatch.model import SoftPatch
+    from softpatch.method.model import SoftPatch
 
     return SoftPatch(small_config, extractor=extractor).embed(synthetic_set.test)
 
@@ -199,6 +199,6 @@ def eval_embeddings(small_config: SoftPatchConfig, extractor, synthetic_set: Syn
 @pytest.fixture
 def fitted(small_config: SoftPatchConfig, extractor, train_embeddings):
     """A fresh model fitted on the synthetic training set (features shared, so this takes milliseconds)."""
-    from softpatch.model import SoftPatch
+    from softpatch.method.model import SoftPatch
 
     return SoftPatch(small_config, extractor=extractor).fit_embeddings(train_embeddings)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from softpatch.anomaly_map import anomaly_maps
+from softpatch.method.anomaly_map import anomaly_maps
 
 
 def _bilinear_reference(grid: np.ndarray, size: int) -> np.ndarray:

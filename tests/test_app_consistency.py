@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.heatmaps import outline_level
-from softpatch.images import ImageTransform
+from softpatch.io.heatmaps import outline_level
+from softpatch.io.images import ImageTransform
 from softpatch_app import services
 from softpatch_app.views import detection_overlay, outlier_with_removed
 
@@ -114,10 +114,10 @@ def test_coreset_map_selects_on_click_and_names_every_point(colour_by: str, n_im
 def test_the_sidebar_tells_the_true_weights_state(tmp_path) -> None:
     from types import SimpleNamespace
 
-    from softpatch.workspace import Workspace
     from softpatch_app.settings import AppSettings
     from softpatch_app.state import SessionData
     from softpatch_app.ui import weights_status
+    from softpatch_app.workspace import Workspace
 
     session = SessionData(workspace=Workspace.create(tmp_path), settings=AppSettings())
     kind, text = weights_status(session)

@@ -93,7 +93,7 @@ def test_fit_finds_the_planted_defects(at: AppTest) -> None:
 def test_denoise_page_states_its_assumption_and_offers_the_better_setting(
     at: AppTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from softpatch import contamination
+    from softpatch.method import contamination
 
     # The demo hides 4 defective parts among 34 images: the page shows the estimate and what auto chose.
     assert session(at).model.config.discriminator == "auto", "auto is the default"
@@ -242,7 +242,7 @@ def test_deploy_offers_the_onnx_model_with_its_threshold(at: AppTest) -> None:
     onnx_file = Path(path)
     assert onnx_file.is_file() and session(at).workspace.path in onnx_file.parents
     assert "memory bank" in summary and "backbone" in summary
-    from softpatch.export import read_export_metadata
+    from softpatch.deployment.export import read_export_metadata
 
     meta = read_export_metadata(onnx_file)
     assert float(meta["threshold"]) == pytest.approx(session(at).threshold)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.data import ImageRecord
-from softpatch.images import ImageTransform
+from softpatch.io.datasets import ImageRecord
+from softpatch.io.images import ImageTransform
 from softpatch_app import exports, imaging, plots
 from softpatch_app.embedding import subsample
 from softpatch_app.progress import StageProgress

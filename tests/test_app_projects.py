@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from softpatch.workspace import MARKER_NAME
 from softpatch_app import project
 from softpatch_app.project import save_project
+from softpatch_app.workspace import MARKER_NAME
 from tests.apptest_helpers import APP, button, png, session
 
 

@@ -63,8 +63,8 @@ def test_a_projects_folder_outlives_its_session_until_age_cleanup(env) -> None:
     import os
     import time
 
-    from softpatch.workspace import MARKER_NAME
     from softpatch_app.state import _new_session, environment
+    from softpatch_app.workspace import MARKER_NAME
 
     data = _new_session(environment())
     path = data.workspace.path
@@ -82,7 +82,7 @@ def test_stale_workspaces_are_removed_at_startup(env) -> None:
     import os
     import time
 
-    from softpatch.workspace import Workspace
+    from softpatch_app.workspace import Workspace
 
     old = Workspace.create(env / "work")
     path = old.path

@@ -8,8 +8,8 @@ import torch
 
 from softpatch import SoftPatch
 from softpatch.config import SoftPatchConfig
-from softpatch.contamination import NEIGHBOUR_CACHE_K, choose_settings, estimate_contamination
-from softpatch.model import Embeddings
+from softpatch.method.contamination import NEIGHBOUR_CACHE_K, choose_settings, estimate_contamination
+from softpatch.method.model import Embeddings
 
 N_GOOD = 28
 DEFECT = slice(16, 32)  # positions of the planted look-alike defect (of the 8 x 8 grid)

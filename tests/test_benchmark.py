@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from softpatch.benchmark import METHODS, PROTOCOLS, BenchmarkReport, MethodResult, protocol_keep, run_benchmark
 from softpatch.config import SoftPatchConfig
-from softpatch.data import load_mvtec, make_noisy_split
 from softpatch.errors import DataError, SoftPatchError
-from softpatch.model import SoftPatch
+from softpatch.evaluation.benchmark import (
+    METHODS,
+    PROTOCOLS,
+    BenchmarkReport,
+    MethodResult,
+    protocol_keep,
+    run_benchmark,
+)
+from softpatch.io.datasets import load_mvtec, make_noisy_split
+from softpatch.method.model import SoftPatch
 
 
 class ModelRecorder:

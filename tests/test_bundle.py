@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from softpatch.bundle import FORMAT_VERSION, load_bundle, save_bundle
 from softpatch.config import SoftPatchConfig
+from softpatch.deployment.bundle import FORMAT_VERSION, load_bundle, save_bundle
 from softpatch.errors import BundleError, NotFittedError, SoftPatchError
-from softpatch.model import SoftPatch
+from softpatch.method.model import SoftPatch
 from tests.conftest import SyntheticSet
 
 
@@ -273,7 +273,7 @@ def test_a_pickle_renamed_to_softpatch_is_refused_unopened(tmp_path: Path, kind:
 @pytest.fixture(scope="module")
 def tiny(small_config: SoftPatchConfig, synthetic_set: SyntheticSet) -> tuple:
     """resnet18's first stage only (a bundle of about 0.6 MB), so that many saves and loads stay cheap."""
-    from softpatch.model import build_extractor
+    from softpatch.method.model import build_extractor
 
     config = small_config.replace(layers=(1,), feature_dim=16, discriminator="nearest")
     with torch.random.fork_rng():

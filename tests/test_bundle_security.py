@@ -22,11 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from softpatch.bundle import load_bundle, save_bundle
 from softpatch.config import ConfigError, SoftPatchConfig
+from softpatch.deployment.bundle import load_bundle, save_bundle
 from softpatch.errors import BundleError
-from softpatch.fileformats import NotSafetensorsError, loads_json, read_safetensors_header
-from softpatch.model import SoftPatch
+from softpatch.io.fileformats import NotSafetensorsError, loads_json, read_safetensors_header
+from softpatch.method.model import SoftPatch
 from tests.conftest import SyntheticSet
 from tests.test_cli import run
 
@@ -238,12 +238,12 @@ def test_attack_is_one_line_from_softpatch_score(attack: tuple[Path, str], synth
 def test_oversized_settings_are_refused_before_the_backbone_is_built(
     tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import softpatch.features
+    import softpatch.method.features
 
     built: list[str] = []
-    real = softpatch.features.create_backbone
+    real = softpatch.method.features.create_backbone
     monkeypatch.setattr(
-        softpatch.features, "create_backbone", lambda config: built.append(config.backbone) or real(config)
+        softpatch.method.features, "create_backbone", lambda config: built.append(config.backbone) or real(config)
     )
     for name in ("huge_feature_dim", "huge_crop_and_grid", "huge_shape_little_data", "empty_bank"):
         build, _ = ATTACKS[name]
@@ -373,12 +373,12 @@ def test_save_refuses_a_threshold_that_load_would_refuse(tmp_path: Path, model: 
 def test_a_parser_recursion_anywhere_is_one_line_from_the_cli(
     bundle: Path, synthetic_set: SyntheticSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import softpatch.bundle
+    import softpatch.deployment.bundle
 
     def nested(*args: object, **kwargs: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(softpatch.bundle, "load_bundle", nested)
+    monkeypatch.setattr(softpatch.deployment.bundle, "load_bundle", nested)
     code, stdout, stderr = run(["score", str(bundle), str(synthetic_set.test_good[0])])
     assert code == 2 and stdout == ""
     assert stderr.splitlines() == ["softpatch: error: the input is nested too deeply to be read"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from softpatch.chunking import run_in_chunks
 from softpatch.config import SoftPatchConfig
-from softpatch.model import SoftPatch
+from softpatch.method.model import SoftPatch
+from softpatch.runtime.chunking import run_in_chunks
 
 CUDA = torch.device("cuda")  # only compared by type: no GPU is touched
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from softpatch.bundle import save_bundle
 from softpatch.cli import main
-from softpatch.model import SoftPatch
+from softpatch.deployment.bundle import save_bundle
+from softpatch.method.model import SoftPatch
 from tests.conftest import SyntheticSet
 from tests.hostile_corpus import ABSOLUTE_TARGET, CorpusCase, build_corpus, check_scan, image_root
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from softpatch import contamination
-from softpatch.contamination import MIN_IMAGES, WEAK_SPOTS, WeakSpot, advice, estimate_contamination
+from softpatch.method import contamination
+from softpatch.method.contamination import MIN_IMAGES, WEAK_SPOTS, WeakSpot, advice, estimate_contamination
 
 
 def _suspicion(n_good: int, n_bad: int, seed: int = 0) -> np.ndarray:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from softpatch.csvsafe import FORMULA_PREFIXES, safe_cell, write_csv
-from softpatch.data import ImageRecord
+from softpatch.io.csvsafe import FORMULA_PREFIXES, safe_cell, write_csv
+from softpatch.io.datasets import ImageRecord
 from softpatch_app import exports
 from tests.conftest import SyntheticSet
 
@@ -96,7 +96,7 @@ def test_vet_csv_neutralises_file_names(
     tmp_path: Path, synthetic_set: SyntheticSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from softpatch.cli import main
-    from softpatch.model import VettingReport
+    from softpatch.method.model import VettingReport
 
     train = tmp_path / "train"
     train.mkdir()
@@ -125,11 +125,11 @@ def test_vet_csv_neutralises_file_names(
 
 
 def test_no_csv_writer_bypasses_the_helper() -> None:
-    """Every module that writes CSV goes through softpatch.csvsafe (a new writer would have to be added here)."""
+    """Every module that writes CSV goes through softpatch.io.csvsafe (a new writer would have to be added here)."""
     repo = Path(__file__).resolve().parent.parent
     writers = []
     for path in [*repo.glob("softpatch/*.py"), *repo.glob("softpatch_app/*.py"), *repo.glob("pages/*.py")]:
         text = path.read_text(encoding="utf-8")
         if "csv.writer" in text or "csv.DictWriter" in text or ".to_csv(" in text:
             writers.append(path.relative_to(repo).as_posix())
-    assert writers == ["softpatch/csvsafe.py"]
+    assert writers == ["softpatch/io/csvsafe.py"]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.data import (
+from softpatch.errors import DataError
+from softpatch.io.datasets import (
     Dataset,
     ImageFolder,
     ImageRecord,
@@ -19,8 +20,7 @@ from softpatch.data import (
     make_noisy_split,
     scan_images,
 )
-from softpatch.errors import DataError
-from softpatch.limits import LoadLimits
+from softpatch.io.limits import LoadLimits
 from tests.hostile_corpus import encode, noise_image
 
 REAL_DATA = Path("/work/shared/data")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.demo import (
+from softpatch.io.demo import (
     DEFECT_TYPES,
     MANIFEST_NAME,
     N_TEST_GOOD,
@@ -98,7 +98,7 @@ def test_contaminants_differ_from_good_images(demo_root: Path) -> None:
 
 def test_softpatch_ranks_planted_contaminants_first(demo_root: Path) -> None:
     """With real ImageNet features, the planted defective training images are the most suspicious."""
-    pytest.importorskip("softpatch.model", reason="core model not available yet")
+    pytest.importorskip("softpatch.method.model", reason="core model not available yet")
     if not WEIGHTS.is_file():
         pytest.skip(f"real weights not found at {WEIGHTS} (expected ../shared/weights relative to the repo)")
     from softpatch import SoftPatch, SoftPatchConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from softpatch.denoise import image_suspicion, select_removed, soft_weights
+from softpatch.method.denoise import image_suspicion, select_removed, soft_weights
 
 
 def _scores(n: int, p: int, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.neighbors import LocalOutlierFactor
 
-from softpatch.discriminators import (
+from softpatch.method.discriminators import (
     DISCRIMINATORS,
     NEIGHBOUR_CACHE_K,
     DiscriminatorParams,

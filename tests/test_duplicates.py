@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.duplicates import find_duplicates, pixel_hash
 from softpatch.errors import SoftPatchError
-from softpatch.model import SoftPatch
+from softpatch.evaluation.duplicates import find_duplicates, pixel_hash
+from softpatch.method.model import SoftPatch
 from tests.conftest import SyntheticSet
 
 

@@ -19,11 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from softpatch import metrics
-from softpatch.bundle import save_bundle
 from softpatch.cli import main
-from softpatch.errors import ExportError
-from softpatch.export import (
+from softpatch.deployment.bundle import save_bundle
+from softpatch.deployment.export import (
     MAP_ATOL,
     SCORE_RTOL,
     _float32_at_least,
@@ -31,8 +29,10 @@ from softpatch.export import (
     export_model,
     read_export_metadata,
 )
-from softpatch.images import ImageTransform, load_image
-from softpatch.model import SoftPatch
+from softpatch.errors import ExportError
+from softpatch.evaluation import metrics
+from softpatch.io.images import ImageTransform, load_image
+from softpatch.method.model import SoftPatch
 from tests.conftest import SHARED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def _score_with_script(model_file: Path, paths: list[Path], runtime: str) -> tup
 @pytest.fixture(scope="module")
 def battery(mobilenet_config, tmp_path_factory):
     """A battery_weld fit at 128/112, its test images, their embeddings and a threshold by best F1."""
-    from softpatch.data import load_mvtec
+    from softpatch.io.datasets import load_mvtec
 
     if not BATTERY.is_dir():
         pytest.skip(f"battery_weld not found at {BATTERY}")
@@ -344,7 +344,7 @@ def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, tra
 
 
 def test_export_that_does_not_reproduce_the_scores_is_not_kept(small_model, tmp_path, monkeypatch) -> None:
-    import softpatch.export as export
+    import softpatch.deployment.export as export
 
     real = export.run_exported
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import WeightsError
-from softpatch.features import FeatureExtractor, backbone_info, create_backbone, read_weights_file
-from softpatch.model import build_extractor
+from softpatch.method.features import FeatureExtractor, backbone_info, create_backbone, read_weights_file
+from softpatch.method.model import build_extractor
 from tests.conftest import MOBILENET_KWARGS
 
 CPU = torch.device("cpu")
@@ -330,7 +330,7 @@ def _randomise_batch_norms(model: torch.nn.Module, seed: int) -> None:
 
 
 def test_batch_norm_folding_keeps_the_outputs_and_the_stored_weights(images: torch.Tensor) -> None:
-    from softpatch.features import fold_batch_norm
+    from softpatch.method.features import fold_batch_norm
 
     config = SoftPatchConfig(backbone="resnet18", pretrained=False, layers=(2, 3), feature_dim=64)
     backbone = create_backbone(config).eval()
@@ -359,7 +359,7 @@ def test_an_unfoldable_backbone_is_held_once() -> None:
 
 
 def test_batch_norm_folding_leaves_untraceable_or_training_models_alone() -> None:
-    from softpatch.features import fold_batch_norm
+    from softpatch.method.features import fold_batch_norm
 
     class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
         def __init__(self) -> None:
@@ -379,7 +379,7 @@ def test_batch_norm_folding_leaves_untraceable_or_training_models_alone() -> Non
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(512, 512), (1024, 512), (96, 32), (100, 30), (7, 3), (3, 7)])
 def test_channel_pooling_shortcuts_equal_adaptive_average_pooling(c_in: int, c_out: int) -> None:
-    from softpatch.features import _channel_pooling, pool_channels
+    from softpatch.method.features import _channel_pooling, pool_channels
 
     features = torch.randn(2, 5, 4, c_in, generator=torch.Generator().manual_seed(c_in))
     expected = torch.nn.functional.adaptive_avg_pool1d(features.reshape(-1, 1, c_in), c_out).reshape(2, 5, 4, c_out)

@@ -10,11 +10,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from softpatch.bundle import load_bundle, save_bundle
 from softpatch.config import SoftPatchConfig
-from softpatch.device import resolve_device
-from softpatch.memory_bank import MemoryBank
-from softpatch.model import SoftPatch
+from softpatch.deployment.bundle import load_bundle, save_bundle
+from softpatch.method.memory_bank import MemoryBank
+from softpatch.method.model import SoftPatch
+from softpatch.runtime.device import resolve_device
 from tests.conftest import SyntheticSet
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.gpu]

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softpatch.data import ImageFolder, scan_images
 from softpatch.errors import DataError, ImageLoadError, SoftPatchError
-from softpatch.images import ImageTransform, failure_reason, load_image
-from softpatch.safezip import extract_zip
-from softpatch.uploads import save_uploads
+from softpatch.io.datasets import ImageFolder, scan_images
+from softpatch.io.images import ImageTransform, failure_reason, load_image
+from softpatch.io.safezip import extract_zip
+from softpatch_app.uploads import save_uploads
 from tests.hostile_corpus import ABSOLUTE_TARGET, CorpusCase, build_corpus, check_extract, check_scan, image_root
 
 # Skip reasons that come from decoding (the others come from the folder walk and never reach load_image).

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from softpatch.errors import ImageLoadError, SoftPatchError
-from softpatch.images import ImageTransform, failure_reason, image_size, load_image, load_mask
-from softpatch.limits import LoadLimits
+from softpatch.io.images import ImageTransform, failure_reason, image_size, load_image, load_mask
+from softpatch.io.limits import LoadLimits
 from tests.hostile_corpus import (
     animated_gif,
     bomb_png,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from softpatch import memory_bank as memory_bank_module
-from softpatch.memory_bank import MemoryBank
-from softpatch.search import BoundedSearch, ExhaustiveSearch
+from softpatch.method import memory_bank as memory_bank_module
+from softpatch.method.memory_bank import MemoryBank
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch
 
 CPU = torch.device("cpu")
 

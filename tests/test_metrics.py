@@ -1,4 +1,4 @@
-"""Behavioural tests of softpatch.metrics: hand-computed cases, brute-force references, edge cases."""
+"""Behavioural tests of softpatch.evaluation.metrics: hand-computed cases, brute-force references, edge cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from softpatch.metrics import (
+from softpatch.evaluation.metrics import (
     Confusion,
     ThresholdChoice,
     aupro,

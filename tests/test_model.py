@@ -12,13 +12,13 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from sklearn.neighbors import LocalOutlierFactor
 
-import softpatch.model as model_module
-from softpatch.anomaly_map import anomaly_maps
+import softpatch.method.model as model_module
 from softpatch.config import ConfigError, SoftPatchConfig
-from softpatch.data import ImageRecord
-from softpatch.denoise import soft_weights
 from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
-from softpatch.model import Embeddings, SoftPatch
+from softpatch.io.datasets import ImageRecord
+from softpatch.method.anomaly_map import anomaly_maps
+from softpatch.method.denoise import soft_weights
+from softpatch.method.model import Embeddings, SoftPatch
 from tests.conftest import SyntheticSet
 
 
@@ -444,7 +444,7 @@ def test_vetting_needs_no_memory_bank(small_config: SoftPatchConfig, extractor, 
 def test_real_weights_vet_real_defects_above_chance(mobilenet_weights: Path) -> None:
     """Magnetic tiles: 40 defect-free + 4 defective training images per category; the vetting ranks the
     defective ones high with the shared ImageNet weights (about 0.8 mean AUROC; random weights: about 0.43)."""
-    from softpatch.metrics import image_auroc
+    from softpatch.evaluation.metrics import image_auroc
     from tests.conftest import MOBILENET_KWARGS, SHARED
 
     root = SHARED / "data" / "magnetic_tile"
@@ -494,7 +494,7 @@ def test_a_refused_retune_leaves_the_config_unchanged(fitted: SoftPatch) -> None
 def test_search_method_is_a_scoring_setting_and_both_are_exact(
     fitted: SoftPatch, eval_embeddings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from softpatch import memory_bank as memory_bank_module
+    from softpatch.method import memory_bank as memory_bank_module
 
     # The test bank is small: lower the thresholds so that "bounded" really runs the bounded search.
     monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 16)
@@ -510,7 +510,7 @@ def test_search_method_is_a_scoring_setting_and_both_are_exact(
 def test_the_bounded_search_is_tuned_on_held_out_patches_when_the_bank_is_built(
     fitted: SoftPatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from softpatch import memory_bank as memory_bank_module
+    from softpatch.method import memory_bank as memory_bank_module
 
     monkeypatch.setattr(memory_bank_module, "_BOUNDED_MIN_ROWS", 16)
     monkeypatch.setattr(memory_bank_module, "_BOUND_DIMS", (4, 8))

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softpatch.data import ImageFolder, ImageRecord, scan_images
 from softpatch.errors import DataError
-from softpatch.workspace import MARKER_NAME, Workspace, cleanup_stale
+from softpatch.io.datasets import ImageFolder, ImageRecord, scan_images
 from softpatch_app import project
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.server_paths import ServerPaths, server_path_policy
 from softpatch_app.settings import read_environment
 from softpatch_app.state import SessionData
+from softpatch_app.workspace import MARKER_NAME, Workspace, cleanup_stale
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def test_named_workspaces_refuse_bad_names_and_never_adopt(tmp_path: Path) -> No
 def test_a_project_outlives_its_objects_and_the_process(workdir: Path) -> None:
     """An app restart: the process that made the project exits; the folder stays and opens again."""
     code = (
-        "import sys; from softpatch_app import project; from softpatch.workspace import Workspace\n"
+        "import sys; from softpatch_app import project; from softpatch_app.workspace import Workspace\n"
         "ws = project.create_project(sys.argv[1]); (ws.path / 'kept.txt').write_text('x')\n"
         "tmp = Workspace.create(sys.argv[1]); print(ws.name, tmp.path)\n"
     )

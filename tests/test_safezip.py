@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from softpatch.data import SkippedFile, scan_images
 from softpatch.errors import DataError
-from softpatch.limits import LoadLimits
-from softpatch.safezip import (
+from softpatch.io.datasets import SkippedFile, scan_images
+from softpatch.io.limits import LoadLimits
+from softpatch.io.safezip import (
     ExtractResult,
     _SizeExceeded,
     _write_member,
@@ -23,8 +23,8 @@ from softpatch.safezip import (
     safe_relative_parts,
     single_folder_root,
 )
-from softpatch.uploads import sanitize_upload_name, save_uploads
-from softpatch.workspace import MARKER_NAME, Workspace, cleanup_stale, default_base, register_cleanup
+from softpatch_app.uploads import sanitize_upload_name, save_uploads
+from softpatch_app.workspace import MARKER_NAME, Workspace, cleanup_stale, default_base, register_cleanup
 from tests.hostile_corpus import (
     declared_bomb_zip,
     encode,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from softpatch.sampler import greedy_coreset, greedy_coreset_reference, random_projection, select_coreset
+from softpatch.method.coreset import greedy_coreset, greedy_coreset_reference, random_projection, select_coreset
 
 
 def _continuous(m: int, d: int, seed: int) -> np.ndarray:

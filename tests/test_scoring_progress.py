@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import softpatch.model as model_module
+import softpatch.method.model as model_module
 
 
 def _recorder():

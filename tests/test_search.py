@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from softpatch import search as search_module
-from softpatch.search import BoundedSearch, ExhaustiveSearch, exhaustive_search_torch
+from softpatch.method import search as search_module
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch, exhaustive_search_torch
 
 CPU = torch.device("cpu")
 

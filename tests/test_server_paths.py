@@ -1,7 +1,7 @@
 """Server paths under attack: every way a typed path, a symlink or a dataset layout could read outside the allowed
 folders, performed, and shown refused with a clear message and nothing read.
 
-Policy level (``softpatch_app.server_paths`` + the scoped scans of ``softpatch.data``), then through the app
+Policy level (``softpatch_app.server_paths`` + the scoped scans of ``softpatch.io.datasets``), then through the app
 (AppTest) for the listening address, another session's uploads and "Add training images".
 """
 
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch.data import EXCLUDED_REASON, OUTSIDE_REASON, load_mvtec, scan_images
 from softpatch.errors import DataError
-from softpatch.limits import LoadLimits
-from softpatch.paths import ReadScope, is_within
-from softpatch.uploads import save_uploads
-from softpatch.workspace import Workspace
+from softpatch.io.datasets import EXCLUDED_REASON, OUTSIDE_REASON, load_mvtec, scan_images
+from softpatch.io.limits import LoadLimits
+from softpatch.io.paths import ReadScope, is_within
 from softpatch_app import loading
 from softpatch_app.server_paths import default_roots, is_loopback, server_path_policy
+from softpatch_app.uploads import save_uploads
+from softpatch_app.workspace import Workspace
 
 LIMITS = LoadLimits()
 
@@ -301,7 +301,7 @@ def test_mvtec_parts_symlinked_out_are_refused(tmp_path: Path, outside: Path) ->
 
 
 def test_a_demo_manifest_symlinked_out_is_ignored(tmp_path: Path) -> None:
-    from softpatch.demo import MANIFEST_NAME, generate_demo_dataset, load_demo_manifest
+    from softpatch.io.demo import MANIFEST_NAME, generate_demo_dataset, load_demo_manifest
 
     demo = generate_demo_dataset(tmp_path / "demo", seed=0)
     copy = tmp_path / "srv" / "cat"

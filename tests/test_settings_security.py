@@ -19,10 +19,10 @@ import pytest
 import timm
 import torch
 
-from softpatch import features
 from softpatch.cli import build_parser, main
 from softpatch.config import BACKBONE_KWARGS, DEFAULTS, SETTINGS, ConfigError, SoftPatchConfig
 from softpatch.errors import ResourceError, SoftPatchError
+from softpatch.method import features
 from softpatch_app.settings import (
     APP_CONFIG_SETTINGS,
     AppSettings,
@@ -228,7 +228,7 @@ def test_backbone_size_is_counted_without_allocating(small_config) -> None:
 
 
 def test_vet_refuses_what_would_not_fit_in_memory_before_reading_images(monkeypatch, synthetic_set) -> None:
-    import softpatch.model as model_module
+    import softpatch.method.model as model_module
 
     monkeypatch.setattr(model_module, "available_memory", lambda device: 64 * 1024**2)
     loaded: list[object] = []

@@ -9,16 +9,16 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import binom
 
-from softpatch.bundle import load_bundle, save_bundle
+from softpatch.deployment.bundle import load_bundle, save_bundle
 from softpatch.errors import SoftPatchError, ThresholdError
-from softpatch.model import Embeddings
-from softpatch.threshold import (
+from softpatch.evaluation.threshold import (
     GoodImageThreshold,
     fpr_upper_bound,
     out_of_sample_scores,
     threshold_for_fpr,
     threshold_from_good_images,
 )
+from softpatch.method.model import Embeddings
 
 
 def _marked(fitted, synthetic_set) -> list[str]:

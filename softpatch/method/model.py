@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from softpatch.anomaly_map import anomaly_maps
-from softpatch.chunking import run_in_chunks
 from softpatch.config import FEATURE_FIELDS, RETUNE_FIELDS, SoftPatchConfig
-from softpatch.contamination import AUTO, choose_settings
-from softpatch.denoise import image_suspicion, select_removed, soft_weights
-from softpatch.device import default_batch_size, resolve_device
-from softpatch.discriminators import (
+from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
+from softpatch.io.images import ImageTransform, load_image
+from softpatch.method.anomaly_map import anomaly_maps
+from softpatch.method.contamination import AUTO, choose_settings
+from softpatch.method.coreset import random_projection, select_coreset
+from softpatch.method.denoise import image_suspicion, select_removed, soft_weights
+from softpatch.method.discriminators import (
     DISCRIMINATORS,
     NEIGHBOUR_CACHE_K,
     DiscriminatorParams,
@@ -36,21 +37,20 @@ from softpatch.discriminators import (
     neighbour_cache_k,
     score_patches,
 )
-from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
-from softpatch.features import BackboneInfo, FeatureExtractor, backbone_info, create_backbone
-from softpatch.images import ImageTransform, load_image
-from softpatch.memory_bank import MemoryBank
-from softpatch.progress import ProgressCallback, report
-from softpatch.resources import (
+from softpatch.method.features import BackboneInfo, FeatureExtractor, backbone_info, create_backbone
+from softpatch.method.memory_bank import MemoryBank
+from softpatch.runtime.chunking import run_in_chunks
+from softpatch.runtime.device import default_batch_size, resolve_device
+from softpatch.runtime.progress import ProgressCallback, report
+from softpatch.runtime.resources import (
     MemoryEstimate,
     available_memory,
     estimate_embed_memory,
     estimate_fit_memory,
     work_budget,
 )
-from softpatch.sampler import random_projection, select_coreset
 
-ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.data
+ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.io.datasets
 
 # Held-out training patches on which the bounded nearest-neighbour search picks its settings.
 _CALIBRATION_PATCHES = 1024

@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from softpatch.anomaly_map import anomaly_maps, map_operators
 from softpatch.errors import ExportError
-from softpatch.features import FeatureExtractor
-from softpatch.images import IMAGENET_MEAN, IMAGENET_STD
-from softpatch.memory_bank import MemoryBank
-from softpatch.model import Embeddings
+from softpatch.io.images import IMAGENET_MEAN, IMAGENET_STD
+from softpatch.method.anomaly_map import anomaly_maps, map_operators
+from softpatch.method.features import FeatureExtractor
+from softpatch.method.memory_bank import MemoryBank
+from softpatch.method.model import Embeddings
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -198,8 +198,8 @@ def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
 
 
 def _as_model(model_or_bundle: object) -> object:
-    from softpatch.bundle import load_bundle
-    from softpatch.model import SoftPatch
+    from softpatch.deployment.bundle import load_bundle
+    from softpatch.method.model import SoftPatch
 
     if isinstance(model_or_bundle, SoftPatch):
         return model_or_bundle
@@ -215,7 +215,7 @@ def _scorer_for_export(model: object) -> object:
     compares it with the CPU fp32 scorer, the one a line PC would otherwise run. The caller's model,
     and the app's cached extractor, stay where and as they are.
     """
-    from softpatch.model import SoftPatch
+    from softpatch.method.model import SoftPatch
 
     on_cpu = next(model.extractor_.parameters()).device.type == "cpu"
     if on_cpu and model.config.precision == "fp32":

@@ -17,9 +17,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from softpatch.errors import DataError, ImageLoadError
-from softpatch.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits
-from softpatch.paths import ReadScope, is_within
+from softpatch.io.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
+from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits
+from softpatch.io.paths import ReadScope, is_within
 
 __all__ = [
     "Dataset",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from softpatch.errors import ImageLoadError, SoftPatchError
-from softpatch.progress import ProgressCallback, report
+from softpatch.runtime.progress import ProgressCallback, report
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +113,7 @@ class DuplicateReport:
 
 def pixel_hash(source: str | os.PathLike) -> str:
     """SHA-256 of an image's decoded RGB pixels and size: equal for copies, whatever the file name or format."""
-    from softpatch.images import load_image
+    from softpatch.io.images import load_image
 
     image = load_image(source)
     digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())

@@ -3,7 +3,7 @@
 Nothing is downloaded and no third-party image is shipped: every pixel is computed here with
 numpy and Pillow from a seed, so the demo data may be redistributed with the code.
 
-Layout (MVTec AD, so :func:`softpatch.data.load_mvtec` reads it)::
+Layout (MVTec AD, so :func:`softpatch.io.datasets.load_mvtec` reads it)::
 
     <root>/train/good/000.png ... 033.png    30 good parts + 4 planted defective ones ("contaminants")
     <root>/test/good/*.png                   defect-free test parts
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from softpatch.paths import is_within
+from softpatch.io.paths import is_within
 
 DEMO_VERSION = 1
 MANIFEST_NAME = "demo_manifest.json"
@@ -244,7 +244,7 @@ def _write_dataset(root: Path, seed: int) -> None:
         "name": "softpatch-demo",
         "version": DEMO_VERSION,
         "seed": seed,
-        "generated_by": "softpatch.demo.generate_demo_dataset (synthetic, no third-party content)",
+        "generated_by": "softpatch.io.demo.generate_demo_dataset (synthetic, no third-party content)",
         "contaminants": contaminants,
     }
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -17,7 +17,7 @@ from torch import nn
 
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import ResourceError, WeightsError
-from softpatch.fileformats import NotSafetensorsError, container_kind, read_safetensors_header
+from softpatch.io.fileformats import NotSafetensorsError, container_kind, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
 
 def check_backbone_size(config: SoftPatchConfig) -> int:
     """The backbone's size in bytes; ``ResourceError`` before anything is allocated when it is too large."""
-    from softpatch.resources import available_memory
+    from softpatch.runtime.resources import available_memory
 
     size = backbone_bytes(config)
     limit = min(_MAX_BACKBONE_BYTES, available_memory(torch.device("cpu")) // 3)
@@ -324,7 +324,7 @@ class FeatureExtractor(nn.Module):
     def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Backbone stage maps ``[(B, C_i, h_i, w_i)]`` -> patch features ``(B, H*W, feature_dim)`` float32.
 
-        Plain tensor operations without inference mode, so that ``softpatch.export`` traces the very same code.
+        Plain tensor operations without inference mode, so that ``softpatch.deployment.export`` traces the very same code.
         """
         pad = self.patch_size // 2
         grid = maps[0].shape[-2:]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from softpatch.errors import ImageLoadError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
+from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
 
 __all__ = [
     "IMAGENET_MEAN",

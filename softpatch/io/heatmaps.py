@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from softpatch.images import ImageTransform, load_image
+from softpatch.io.images import ImageTransform, load_image
 
 # A perceptual blue-yellow-red ramp; (position, RGB) stops.
 _STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])

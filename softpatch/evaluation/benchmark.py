@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from softpatch.config import SoftPatchConfig
-from softpatch.data import ImageRecord, NoisySplit, load_mvtec, make_noisy_split
 from softpatch.errors import SoftPatchError
-from softpatch.images import load_mask
-from softpatch.metrics import aupro, image_auroc, pixel_auroc
-from softpatch.model import SoftPatch
-from softpatch.progress import ProgressCallback, report
-from softpatch.protocols import PROTOCOL_CHOICES, PROTOCOLS
+from softpatch.evaluation.metrics import aupro, image_auroc, pixel_auroc
+from softpatch.evaluation.protocols import PROTOCOL_CHOICES, PROTOCOLS
+from softpatch.io.datasets import ImageRecord, NoisySplit, load_mvtec, make_noisy_split
+from softpatch.io.images import load_mask
+from softpatch.method.model import SoftPatch
+from softpatch.runtime.progress import ProgressCallback, report
 
 # Benchmark method name -> the config changes that make it.
 METHODS: dict[str, dict[str, object]] = {

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Self
 
 from softpatch.errors import DataError
-from softpatch.paths import is_within
+from softpatch.io.paths import is_within
 
 __all__ = [
     "ENV_WORK_DIR",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from softpatch.errors import ThresholdError
-from softpatch.progress import ProgressCallback, report
+from softpatch.runtime.progress import ProgressCallback, report
 
 __all__ = [
     "GoodImageThreshold",
@@ -92,7 +92,7 @@ def fpr_upper_bound(n_flagged: int, n_images: int, confidence: float = DEFAULT_C
         raise ThresholdError(f"flagged images must be between 0 and {n_images}, got {n_flagged}")
     if not 0.0 < confidence < 1.0:
         raise ThresholdError(f"confidence must be between 0 and 1, got {confidence}")
-    from softpatch.metrics import rate_interval  # scipy and scikit-learn: only when needed
+    from softpatch.evaluation.metrics import rate_interval  # scipy and scikit-learn: only when needed
 
     return rate_interval(n_flagged, n_images, confidence, upper_only=True)[1]
 
@@ -142,7 +142,7 @@ def out_of_sample_scores(
     model uses ``model.config`` unchanged, so it denoises like the main model. ``only`` (N,) bool restricts
     which images are scored (all images still take part in fitting the fold models, as in the main model).
     """
-    from softpatch.model import Embeddings, SoftPatch
+    from softpatch.method.model import Embeddings, SoftPatch
 
     features = model.train_features_  # SoftPatchError for a bundle without training features
     names, sizes = model.train_names_, model.train_sizes_

@@ -8,7 +8,7 @@ re-tuned (tau, LOF-k, coreset) like the fitted one; such a bundle is N * P * D *
 
 Bundles come from elsewhere and are treated as hostile: loading reads that one file and nothing else,
 and checks it in an order where nothing large is allocated before it is known to be right. The header
-is parsed here (``softpatch.fileformats``): its length against the file, every tensor's byte range, the
+is parsed here (``softpatch.io.fileformats``): its length against the file, every tensor's byte range, the
 tensors filling the file exactly. Then the metadata (format, version, config through
 ``SoftPatchConfig.from_dict``, grid, names, sizes, threshold), every tensor's dtype and shape against the
 config, the grid and the backbone built from the config, and only then the tensors and their values.
@@ -27,7 +27,7 @@ import torch
 
 from softpatch.config import ConfigError, SoftPatchConfig
 from softpatch.errors import BundleError, SoftPatchError
-from softpatch.fileformats import (
+from softpatch.io.fileformats import (
     NotSafetensorsError,
     SafetensorsHeader,
     container_kind,
@@ -65,7 +65,7 @@ def save_bundle(
     """
     from safetensors.torch import save_file
 
-    from softpatch.model import SoftPatch
+    from softpatch.method.model import SoftPatch
 
     if not isinstance(model, SoftPatch):
         raise SoftPatchError("save_bundle needs a fitted SoftPatch model")
@@ -280,7 +280,7 @@ def _check_values(name: str, tensors: dict[str, torch.Tensor], contents: _Conten
     provenance = tensors["bank.provenance"]
     removed = tensors["train.removed"]
     upper = torch.tensor([len(contents.names), *contents.grid])
-    # Soft weights are outlier scores over their median (softpatch.denoise.soft_weights): >= 0, and exactly 0
+    # Soft weights are outlier scores over their median (softpatch.method.denoise.soft_weights): >= 0, and exactly 0
     # for a patch with an identical twin under the nearest discriminator, so 0 is a real value, not damage.
     checks = [
         (bool(torch.isfinite(tensors["bank.features"]).all()), "its memory bank features are not all finite"),
@@ -323,8 +323,8 @@ def load_bundle(path: str | Path, *, device: str = "auto") -> object:
     (format, version, config, grid, names, sizes, threshold), every tensor's dtype and shape against
     the config and the grid, then the values themselves. Raises ``BundleError`` with the reason otherwise.
     """
-    from softpatch.features import create_backbone, patch_grid
-    from softpatch.model import FittedState, SoftPatch
+    from softpatch.method.features import create_backbone, patch_grid
+    from softpatch.method.model import FittedState, SoftPatch
 
     path = Path(path)
     header = _header(path)

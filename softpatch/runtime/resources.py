@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from softpatch.config import SoftPatchConfig
-from softpatch.discriminators import neighbour_cache_k
+from softpatch.method.discriminators import neighbour_cache_k
 
 # Share of free memory one chunk of discriminator work may use.
 _CHUNK_SHARE = 0.15

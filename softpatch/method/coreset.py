@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from softpatch.progress import ProgressCallback, report
+from softpatch.runtime.progress import ProgressCallback, report
 
 # Size of one block of the per-round distance update: memory stays flat in the number of patches.
 _UPDATE_BLOCK_BYTES = 64 * 1024**2

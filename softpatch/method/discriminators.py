@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from softpatch.chunking import run_in_chunks
-from softpatch.progress import ProgressCallback, report
+from softpatch.runtime.chunking import run_in_chunks
+from softpatch.runtime.progress import ProgressCallback, report
 
 # Neighbours kept per patch in the cache: LOF-k up to this re-tunes without touching features.
 NEIGHBOUR_CACHE_K = 32

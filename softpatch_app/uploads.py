@@ -6,11 +6,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
-from softpatch.paths import is_within
-from softpatch.safezip import ARCHIVE_EXTENSIONS, extract_zip, single_folder_root
+from softpatch.io.datasets import HIDDEN_REASON, SkippedFile, is_hidden_name
+from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
+from softpatch.io.paths import is_within
+from softpatch.io.safezip import ARCHIVE_EXTENSIONS, extract_zip, single_folder_root
 
 __all__ = ["sanitize_upload_name", "save_uploads"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from softpatch.discriminators import NEIGHBOUR_CACHE_K
+from softpatch.method.discriminators import NEIGHBOUR_CACHE_K
 
 # Suspicion above median + OUTLIER_CUT robust standard deviations (1.4826 MAD) counts as "stands out".
 # Calibrated on the sweep's training sets (magnetic_tile, battery_weld, noise 0-0.3, see the README).

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from softpatch.data import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.errors import DataError
-from softpatch.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
-from softpatch.paths import is_within
+from softpatch.io.datasets import HIDDEN_REASON, SkippedFile, is_hidden_name
+from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
+from softpatch.io.paths import is_within
 
 __all__ = ["ARCHIVE_EXTENSIONS", "ExtractResult", "extract_zip", "safe_relative_parts", "single_folder_root"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from softpatch.search import BoundedSearch, ExhaustiveSearch, NeighbourMatch, exhaustive_search_torch
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch, NeighbourMatch, exhaustive_search_torch
 
 __all__ = ["MemoryBank", "NeighbourMatch"]
 
@@ -48,7 +48,7 @@ class MemoryBank:
         """Nearest bank row of each ``(Q, D)`` query. Every method is exact.
 
         On CUDA: blocked torch matrix products. On CPU, ``method`` "bounded" prunes with a lower bound
-        (``softpatch.search.BoundedSearch``, several times faster on large banks) and "exhaustive"
+        (``softpatch.method.search.BoundedSearch``, several times faster on large banks) and "exhaustive"
         compares every pair (faiss). The index is built on first use and kept with the bank.
         """
         if len(self) == 0:

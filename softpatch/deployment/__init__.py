@@ -1,0 +1,1 @@
+"""Taking a fitted model to the line: bundles and ONNX/OpenVINO exports."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the noisy benchmark, thresholds from good images, duplicates and leakage."""

@@ -1,0 +1,1 @@
+"""Where and how work runs: devices, memory, chunking, progress."""
