@@ -128,7 +128,7 @@ def test_no_csv_writer_bypasses_the_helper() -> None:
     """Every module that writes CSV goes through softpatch.io.csvsafe (a new writer would have to be added here)."""
     repo = Path(__file__).resolve().parent.parent
     writers = []
-    for path in [*repo.glob("softpatch/*.py"), *repo.glob("softpatch_app/*.py"), *repo.glob("pages/*.py")]:
+    for path in [*repo.glob("softpatch/**/*.py"), *repo.glob("softpatch_app/**/*.py"), *repo.glob("pages/*.py")]:
         text = path.read_text(encoding="utf-8")
         if "csv.writer" in text or "csv.DictWriter" in text or ".to_csv(" in text:
             writers.append(path.relative_to(repo).as_posix())
