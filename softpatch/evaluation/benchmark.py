@@ -13,7 +13,7 @@ from softpatch.errors import SoftPatchError
 from softpatch.evaluation.metrics import aupro, image_auroc, pixel_auroc
 from softpatch.evaluation.protocols import PROTOCOL_CHOICES, PROTOCOLS
 from softpatch.io.datasets import ImageRecord, NoisySplit, load_mvtec, make_noisy_split
-from softpatch.io.images import load_mask
+from softpatch.io.images import load_mask_for_crop
 from softpatch.method.model import SoftPatch
 from softpatch.runtime.progress import ProgressCallback, report
 
@@ -67,17 +67,10 @@ class BenchmarkReport:
 
 def _test_masks(model: SoftPatch, records: list[ImageRecord]) -> np.ndarray | None:
     """``(n, crop, crop)`` ground-truth masks in the model's geometry; None if an anomalous image lacks one."""
-    transform = model.transform_
-    crop = model.config.crop
-    masks = []
-    for record in records:
-        if record.label == 0:
-            masks.append(np.zeros((crop, crop), dtype=bool))
-        elif record.mask_path is None:
-            return None
-        else:
-            masks.append(transform.mask(load_mask(record.mask_path)))
-    return np.stack(masks)
+    if any(record.label == 1 and record.mask_path is None for record in records):
+        return None
+    # A good image's mask is all False whatever file it names.
+    return np.stack([load_mask_for_crop(r.mask_path if r.label else None, model.transform_) for r in records])
 
 
 def protocol_metrics(

@@ -36,6 +36,7 @@ __all__ = [
     "image_size",
     "load_image",
     "load_mask",
+    "load_mask_for_crop",
 ]
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,21 @@ def load_mask(source: ImageSource, limits: LoadLimits | None = None) -> np.ndarr
     """A ground-truth mask as bool ``(h, w)``: grayscale value >= 128 is defect."""
     gray = _load(source, limits, "L")
     return np.asarray(gray) >= 128
+
+
+def load_mask_for_crop(
+    source: ImageSource | None, transform: ImageTransform, limits: LoadLimits | None = None
+) -> np.ndarray:
+    """A ground-truth mask in a model's geometry: bool ``(crop, crop)``, True = defect.
+
+    The mask file is decoded as ``load_mask`` does (grayscale >= 128 is defect) and given the image
+    geometry of ``transform`` (squash-resize, centre-crop, nearest-neighbour), so that it lines up
+    with the model's ``(crop, crop)`` anomaly maps. ``source=None`` (an image without a mask, e.g. a
+    good one) gives an all-False mask. Raises ``ImageLoadError`` when the file cannot be decoded.
+    """
+    if source is None:
+        return np.zeros((transform.crop, transform.crop), dtype=bool)
+    return transform.mask(load_mask(source, limits))
 
 
 def _as_pil_rgb(image: Image.Image) -> Image.Image:
