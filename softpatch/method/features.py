@@ -18,6 +18,7 @@ from torch import nn
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import ResourceError, WeightsError
 from softpatch.io.fileformats import NotSafetensorsError, container_kind, read_safetensors_header
+from softpatch.io.limits import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,8 @@ def check_backbone_size(config: SoftPatchConfig) -> int:
     limit = min(_MAX_BACKBONE_BYTES, available_memory(torch.device("cpu")) // 3)
     if size > limit:
         raise ResourceError(
-            f"backbone {config.backbone!r} with these settings has {size / 1024**3:.1f} GiB of weights; this machine "
-            f"allows at most {limit / 1024**3:.1f} GiB: choose a smaller backbone"
+            f"backbone {config.backbone!r} with these settings has {format_bytes(size)} of weights; this machine "
+            f"allows at most {format_bytes(limit)}: choose a smaller backbone"
         )
     return size
 
