@@ -35,3 +35,7 @@ class ExportError(SoftPatchError):
 
 class ThresholdError(SoftPatchError):
     """A threshold cannot be set from these images (too few, bad target); the message says why."""
+
+
+class MetricError(SoftPatchError, ValueError):
+    """A metric is undefined for these labels, scores or masks (one class only, empty, NaN); says which."""
