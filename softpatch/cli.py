@@ -60,16 +60,27 @@ def _option_type(name: str):
     return parse
 
 
+def _flag(name: str) -> str:
+    """The option that sets ``name``: ``--weights``; ``--no-pretrained`` for a boolean (they default to on)."""
+    flag = name.replace("_", "-")
+    return f"--no-{flag}" if name in SETTINGS and SETTINGS[name].kind == "bool" else f"--{flag}"
+
+
+def _error_line(exc: SoftPatchError) -> str:
+    """The one line a core error becomes, with the options that fix it (the core names settings only)."""
+    options = f" (options: {', '.join(map(_flag, exc.settings))})" if exc.settings else ""
+    return f"softpatch: error: {exc}{options}"
+
+
 def _add_setting_options(parser: argparse.ArgumentParser, title: str, names: Sequence[str]) -> None:
     """One option per setting, with the declaration's help, default and check (``softpatch.config.SETTINGS``)."""
     group = parser.add_argument_group(title)
     for name in names:
         setting, default = SETTINGS[name], DEFAULTS[name]
-        flag = name.replace("_", "-")
         if setting.kind == "bool":
             # Every boolean defaults to on; the option turns it off.
             group.add_argument(
-                f"--no-{flag}", dest=name, action="store_false", default=default, help=f"turn off: {setting.help}"
+                _flag(name), dest=name, action="store_false", default=default, help=f"turn off: {setting.help}"
             )
             continue
         shown = (
@@ -81,7 +92,7 @@ def _add_setting_options(parser: argparse.ArgumentParser, title: str, names: Seq
         )
         choices = setting.allowed() if setting.kind == "choice" else None
         group.add_argument(
-            f"--{flag}",
+            _flag(name),
             dest=name,
             type=_option_type(name),
             default=default,
@@ -499,7 +510,7 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         return int(args.run(args) or 0)
     except SoftPatchError as exc:
-        print(f"softpatch: error: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 2
     except MemoryError:
         print("softpatch: error: out of memory; use fewer images or a smaller --crop", file=sys.stderr)

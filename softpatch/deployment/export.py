@@ -501,8 +501,8 @@ def export_model(
     threshold = model.threshold_ if threshold is None else threshold
     if threshold is None or not math.isfinite(float(threshold)):
         raise ExportError(
-            "this model has no threshold: choose one first (Deploy page, or save_bundle(..., threshold=T)) or pass "
-            "--threshold"
+            "this model has no threshold: choose one first (save it with the bundle) or give one to the export",
+            settings=("threshold",),
         )
     threshold = float(threshold)
     model = _scorer_for_export(model)

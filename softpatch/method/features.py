@@ -170,9 +170,9 @@ def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
         if config.weights_source == "pretrained":
             raise WeightsError(
                 f"pretrained weights for {config.backbone!r} could not be downloaded (no network?) and are not in "
-                "the local cache. Point to a local weights file (the weights setting: --weights FILE on the command "
-                "line, SOFTPATCH_WEIGHTS=FILE for the app), or choose random weights explicitly (--no-pretrained on "
-                "the command line) to try the workflow only."
+                "the local cache: set weights to a local weights file, or turn pretrained off (random weights) to "
+                "try the workflow only",
+                settings=("weights", "pretrained"),
             ) from None
         raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
 
