@@ -375,9 +375,9 @@ def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from softpatch.evaluation.benchmark import METHODS, run_benchmark
+    from softpatch.evaluation.benchmark import BENCHMARK_METHODS, run_benchmark
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(BENCHMARK_METHODS)
     report = run_benchmark(
         args.data_dir,
         noise=args.noise,
