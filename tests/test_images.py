@@ -331,14 +331,6 @@ def test_transform_accepts_other_modes_and_extreme_shapes() -> None:
         assert t(image).shape == (3, 56, 56)
 
 
-def test_transform_batch() -> None:
-    t = ImageTransform(40, 32)
-    batch = t.batch([noise_image(50, 30, seed=i) for i in range(3)])
-    assert batch.shape == (3, 3, 32, 32)
-    assert torch.equal(batch[1], t(noise_image(50, 30, seed=1)))
-    assert t.batch([]).shape == (0, 3, 32, 32)
-
-
 def test_transform_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="crop"):
         ImageTransform(32, 64)

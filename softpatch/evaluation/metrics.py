@@ -295,10 +295,6 @@ class Confusion:
     def f1(self) -> float:
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
-    @property
-    def accuracy(self) -> float:
-        return _ratio(self.tp + self.tn, self.tp + self.fp + self.tn + self.fn)
-
     def fpr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Exact confidence interval of the false-alarm rate, from the good images counted here."""
         return rate_interval(self.fp, self.fp + self.tn, confidence)

@@ -31,7 +31,6 @@ __all__ = [
     "load_mvtec",
     "make_noisy_split",
     "scan_images",
-    "summarize_skipped",
 ]
 
 # Names that operating systems and archivers leave behind; never data.
@@ -291,7 +290,7 @@ def _scan_folder(
     return records, skipped
 
 
-def summarize_skipped(skipped: Sequence[SkippedFile], *, top: int = 4) -> str:
+def _summarize_skipped(skipped: Sequence[SkippedFile], *, top: int = 4) -> str:
     """ "3 not an image file type, 2 truncated or corrupt image data": the most common reasons, counted."""
     counts = Counter(s.reason for s in skipped).most_common()
     parts = [f"{n} {reason}" for reason, n in counts[:top]]
@@ -306,7 +305,7 @@ def _no_images_error(root: Path, skipped: Sequence[SkippedFile]) -> DataError:
         return DataError(f"no images in {root}: the folder is empty")
     n = len(skipped)
     noun = "file" if n == 1 else "files"
-    return DataError(f"no readable images in {root}: {n} {noun} skipped ({summarize_skipped(skipped)})")
+    return DataError(f"no readable images in {root}: {n} {noun} skipped ({_summarize_skipped(skipped)})")
 
 
 def scan_images(

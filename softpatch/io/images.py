@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -416,12 +415,6 @@ class ImageTransform:
         """``(3, crop, crop)`` float32 tensor, ImageNet-normalised."""
         arr = self.crop_pixels(image).astype(np.float32) * self._scale + self._bias  # (crop, crop, 3)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(n, 3, crop, crop)`` float32 for a sequence of images (``n`` may be 0)."""
-        if len(images) == 0:
-            return torch.empty((0, 3, self.crop, self.crop), dtype=torch.float32)
-        return torch.stack([self(image) for image in images])
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """The same geometry applied to a bool ``(h, w)`` mask, nearest-neighbour: bool ``(crop, crop)``."""
