@@ -49,6 +49,7 @@ from torch import nn
 
 from softpatch.errors import ExportError
 from softpatch.io.images import IMAGENET_MEAN, IMAGENET_STD
+from softpatch.io.limits import format_bytes
 from softpatch.method.anomaly_map import anomaly_maps, map_operators
 from softpatch.method.features import FeatureExtractor
 from softpatch.method.memory_bank import MemoryBank
@@ -115,13 +116,12 @@ class ExportReport:
 
     def summary(self) -> str:
         """Two lines for the CLI and the app."""
-        mb = 2**20
         return (
-            f"exported {self.model_file} ({self.format}, {self.file_bytes / mb:.1f} MB: backbone "
-            f"{self.backbone_bytes / mb:.1f} MB + memory bank {self.bank_bytes / mb:.1f} MB, {self.bank_rows} x "
+            f"exported {self.model_file} ({self.format}, {format_bytes(self.file_bytes)}: backbone "
+            f"{format_bytes(self.backbone_bytes)} + memory bank {format_bytes(self.bank_bytes)}, {self.bank_rows} x "
             f"{self.feature_dim}); threshold {self.threshold:.6g}\n"
             f"input: uint8 RGB (N, {self.crop}, {self.crop}, 3) after a bilinear squash-resize to {self.resize} x "
-            f"{self.resize} and a centre crop; {self.distance_bytes_per_image / mb:.1f} MB of distances per image; "
+            f"{self.resize} and a centre crop; {format_bytes(self.distance_bytes_per_image)} of distances per image; "
             f"checked against the Python scorer: scores within {self.probe_agreement.score_difference:.1e} relative, "
             f"maps within {self.probe_agreement.map_difference:.1e}"
         )
@@ -166,7 +166,7 @@ class _ScoringGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # The same float32 multiply-add as ImageTransform, so the backbone sees identical inputs.
         x = (image.float() * self.scale + self.bias).permute(0, 3, 1, 2)
-        features = self.extractor.aggregate(self.extractor._runner(x))  # (N, P, D)
+        features = self.extractor.aggregate(self.extractor.runner(x))  # (N, P, D)
         n = features.shape[0]
         queries = features.reshape(-1, features.shape[-1])  # (N*P, D)
         # Rank by the expanded form (one matrix product), as the package's exhaustive search does, then
@@ -518,11 +518,11 @@ def export_model(
         threshold=threshold,
         rows_layout=format == "openvino",
     ).eval()
-    weights_bytes = _tensor_bytes(extractor._runner.state_dict().values())
+    weights_bytes = _tensor_bytes(extractor.runner.state_dict().values())
     bank_bytes = _tensor_bytes(iter([graph.bank_t, graph.bank_sq, graph.weights]))
     if weights_bytes + bank_bytes > _ONNX_LIMIT_BYTES:
         raise ExportError(
-            f"backbone ({weights_bytes / 2**30:.2f} GB) and memory bank ({bank_bytes / 2**30:.2f} GB) exceed ONNX's "
+            f"backbone ({format_bytes(weights_bytes)}) and memory bank ({format_bytes(bank_bytes)}) exceed ONNX's "
             "2 GB file limit: lower the coreset ratio or the feature dimension"
         )
     suffix = ".onnx" if format == "onnx" else ".xml"

@@ -162,7 +162,7 @@ def out_of_sample_scores(
             continue
         train = np.flatnonzero(fold != f)
         report(progress, f / folds, f"threshold: fitting fold {f + 1}/{folds} on {train.size} images")
-        sub = SoftPatch(model.config, extractor=model._get_extractor())
+        sub = SoftPatch(model.config, extractor=model.extractor_)
         with warnings.catch_warnings():  # a clamped LOF-k was already reported by the main fit
             warnings.simplefilter("ignore")
             sub.fit_embeddings(Embeddings(features[train], [names[i] for i in train], [sizes[i] for i in train], key))

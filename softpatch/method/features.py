@@ -305,7 +305,8 @@ class FeatureExtractor(nn.Module):
         self.stride = backbone.feature_info.reduction()[0]
 
     @property
-    def _runner(self) -> nn.Module:
+    def runner(self) -> nn.Module:
+        """The network that computes the feature maps: the batch-norm-folded copy where there is one."""
         return self.backbone if self.inference_backbone is None else self.inference_backbone
 
     def grid_shape(self, crop: int) -> tuple[int, int]:
@@ -317,9 +318,9 @@ class FeatureExtractor(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-                maps = self._runner(images)
+                maps = self.runner(images)
         else:
-            maps = self._runner(images)
+            maps = self.runner(images)
         return self.aggregate(maps)
 
     def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
