@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
+from softpatch.deployment.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 from softpatch.errors import SoftPatchError
 from softpatch.evaluation.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.evaluation.protocols import PROTOCOL_CHOICES
@@ -443,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a bundle with its threshold to ONNX or OpenVINO (run it with deploy/softpatch_infer.py)"
     )
     export.add_argument("bundle")
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="model format (default onnx)")
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=DEFAULT_EXPORT_FORMAT,
+        help=f"model format (default {DEFAULT_EXPORT_FORMAT})",
+    )
     export.add_argument("-o", "--output", required=True, help="model file to write (.onnx, or .xml plus .bin)")
     export.add_argument("--threshold", type=float, default=None, help="image threshold (default: the bundle's)")
     export.set_defaults(run=_cmd_export)

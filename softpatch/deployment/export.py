@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from softpatch.deployment.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS, EXPORT_SUFFIXES
 from softpatch.errors import ExportError
 from softpatch.io.images import IMAGENET_MEAN, IMAGENET_STD
 from softpatch.io.limits import format_bytes
@@ -71,7 +72,6 @@ __all__ = [
     "run_exported",
 ]
 
-EXPORT_FORMATS = ("onnx", "openvino")
 EXPORT_FORMAT_NAME = "softpatch-export"
 EXPORT_FORMAT_VERSION = 1
 # Opset 17: supported by onnxruntime >= 1.11 and OpenVINO >= 2022.3, so older line PCs can run the file.
@@ -346,7 +346,7 @@ def _write_openvino(onnx_path: Path, metadata: dict[str, str], xml_path: Path) -
 def read_export_metadata(path: str | Path) -> dict[str, str]:
     """The ``softpatch.*`` metadata of an exported ``.onnx`` or OpenVINO ``.xml`` file, keys without the prefix."""
     path = Path(path)
-    if path.suffix == ".xml":
+    if path.suffix == EXPORT_SUFFIXES["openvino"]:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
@@ -367,7 +367,7 @@ def run_exported(path: str | Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
     Returns the outputs by name (``OUTPUT_NAMES``). For checks and tests; the line uses ``deploy/softpatch_infer.py``.
     """
     path = Path(path)
-    if path.suffix == ".xml":
+    if path.suffix == EXPORT_SUFFIXES["openvino"]:
         import openvino as ov
 
         # fp32 on purpose: OpenVINO's CPU plugin would otherwise run bf16 on CPUs that support it.
@@ -479,7 +479,7 @@ def export_model(
     model_or_bundle: object,
     out: str | Path,
     *,
-    format: str = "onnx",
+    format: str = DEFAULT_EXPORT_FORMAT,
     threshold: float | None = None,
 ) -> ExportReport:
     """Export a fitted ``SoftPatch`` (or a bundle path) with its threshold; returns what was written.
@@ -525,7 +525,7 @@ def export_model(
             f"backbone ({format_bytes(weights_bytes)}) and memory bank ({format_bytes(bank_bytes)}) exceed ONNX's "
             "2 GB file limit: lower the coreset ratio or the feature dimension"
         )
-    suffix = ".onnx" if format == "onnx" else ".xml"
+    suffix = EXPORT_SUFFIXES[format]
     out = Path(out)
     path = out if out.suffix == suffix else out.with_name(out.name + suffix)
     metadata = _metadata(model, threshold, model.grid_shape_)

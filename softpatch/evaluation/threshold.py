@@ -26,6 +26,9 @@ from softpatch.errors import ThresholdError
 from softpatch.runtime.progress import ProgressCallback, report
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_FOLDS",
+    "DEFAULT_TARGET_FPR",
     "GoodImageThreshold",
     "fpr_upper_bound",
     "out_of_sample_scores",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_FOLDS = 5
+DEFAULT_TARGET_FPR = 0.01  # share of good images a threshold may flag, unless told otherwise
 DEFAULT_CONFIDENCE = 0.95
 
 
@@ -176,7 +180,7 @@ def out_of_sample_scores(
 def threshold_from_good_images(
     model: object,
     *,
-    target_fpr: float = 0.01,
+    target_fpr: float = DEFAULT_TARGET_FPR,
     folds: int = DEFAULT_FOLDS,
     exclude: Collection[str] = (),
     exclude_most_suspicious: int = 0,
