@@ -2,7 +2,7 @@
 
 For each category of ``../shared/data`` (magnetic_tile, battery_weld), each seed and each noise level, the
 paper's noisy split (seeds/000 sec. 4.1) injects ``int(noise * n_train)`` defective test images into the
-training set; every method in ``softpatch.evaluation.benchmark.METHODS`` is fitted on it and scored on the test set
+training set; every method in ``softpatch.evaluation.benchmark.BENCHMARK_METHODS`` is fitted on it and scored on the test set
 under both protocols:
 
 - overlap: the injected images stay in the test set (the paper's protocol);
@@ -57,14 +57,14 @@ TILE_TEST_PER_CLASS = 16
 NOISES = (0.0, 0.1, 0.2, 0.3)
 PROTOCOLS = ("overlap", "no-overlap")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-# Sweep-only candidates beside softpatch.evaluation.benchmark.METHODS: LOF with k above the number of look-alike defects.
+# Sweep-only candidates beside softpatch.evaluation.benchmark.BENCHMARK_METHODS: LOF with k above the number of look-alike defects.
 EXTRA_METHODS: dict[str, dict[str, object]] = {"softpatch-lof-k32": {"discriminator": "lof", "lof_k": 32}}
 
 
 def all_methods() -> dict[str, dict[str, object]]:
-    from softpatch.evaluation.benchmark import METHODS
+    from softpatch.evaluation.benchmark import BENCHMARK_METHODS
 
-    return {**METHODS, **EXTRA_METHODS}
+    return {**BENCHMARK_METHODS, **EXTRA_METHODS}
 
 
 def _log(message: str) -> None:
@@ -119,7 +119,7 @@ def category_features(name: str, dataset: Any, cache_dir: Path) -> tuple[dict[Pa
     """
     import torch
 
-    from softpatch.evaluation.benchmark import _test_masks
+    from softpatch.evaluation.benchmark import ground_truth_masks
     from softpatch.method.model import SoftPatch
 
     records = list(dataset.train.records) + list(dataset.test.records)
@@ -135,7 +135,7 @@ def category_features(name: str, dataset: Any, cache_dir: Path) -> tuple[dict[Pa
         cache_dir.mkdir(parents=True, exist_ok=True)
         torch.save(features, cache)
         _log(f"{name}: features of {len(records)} images in {time.perf_counter() - start:.0f} s")
-    masks = _test_masks(model, list(dataset.test.records))
+    masks = ground_truth_masks(dataset.test.records, model.transform_)
     return rows, features, masks
 
 

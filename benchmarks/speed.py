@@ -312,7 +312,7 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     from softpatch import SoftPatch, SoftPatchConfig
     from softpatch.evaluation.metrics import image_auroc, pixel_auroc
-    from softpatch.io.images import load_mask
+    from softpatch.io.images import load_mask_for_crop
 
     backbones = {
         "wide_resnet50_2 (random init)": {"backbone": "wide_resnet50_2", "pretrained": False},
@@ -334,13 +334,7 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 params = {**FIT_PARAMS, **bb, "precision": precision, "device": args.device, "seed": seed}
                 model = SoftPatch(SoftPatchConfig(**params)).fit(train)
                 result = model.score(test, with_maps=True)
-                crop = model.transform_.crop
-                masks = np.stack(
-                    [
-                        model.transform_.mask(load_mask(m)) if m else np.zeros((crop, crop), dtype=bool)
-                        for m in mask_paths
-                    ]
-                )
+                masks = np.stack([load_mask_for_crop(m or None, model.transform_) for m in mask_paths])
                 row[label] = {
                     "image_auroc": image_auroc(labels, np.asarray(result.image_scores)),
                     "pixel_auroc": pixel_auroc(masks, np.asarray(result.anomaly_maps)),
@@ -703,16 +697,16 @@ def _machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from softpatch.config import DEVICES, PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CPU, and CUDA too where present"
-    )
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CPU, and CUDA too where present")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration; the table shows medians")
     parser.add_argument("--images", type=int, default=BASE_IMAGES, help="training images (default 229)")
     parser.add_argument(
         "--scale-check", action="store_true", help="also fit 4x the images once, to show that memory grows linearly"
     )
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument(
         "--accuracy-check",
         choices=("auto", "yes", "no"),

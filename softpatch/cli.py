@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from softpatch.config import DEFAULTS, DEVICES, SETTINGS, ConfigError, SoftPatchConfig, parse_setting
+from softpatch.deployment.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 from softpatch.errors import SoftPatchError
 from softpatch.evaluation.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.evaluation.protocols import PROTOCOL_CHOICES
@@ -60,16 +61,27 @@ def _option_type(name: str):
     return parse
 
 
+def _flag(name: str) -> str:
+    """The option that sets ``name``: ``--weights``; ``--no-pretrained`` for a boolean (they default to on)."""
+    flag = name.replace("_", "-")
+    return f"--no-{flag}" if name in SETTINGS and SETTINGS[name].kind == "bool" else f"--{flag}"
+
+
+def _error_line(exc: SoftPatchError) -> str:
+    """The one line a core error becomes, with the options that fix it (the core names settings only)."""
+    options = f" (options: {', '.join(map(_flag, exc.settings))})" if exc.settings else ""
+    return f"softpatch: error: {exc}{options}"
+
+
 def _add_setting_options(parser: argparse.ArgumentParser, title: str, names: Sequence[str]) -> None:
     """One option per setting, with the declaration's help, default and check (``softpatch.config.SETTINGS``)."""
     group = parser.add_argument_group(title)
     for name in names:
         setting, default = SETTINGS[name], DEFAULTS[name]
-        flag = name.replace("_", "-")
         if setting.kind == "bool":
             # Every boolean defaults to on; the option turns it off.
             group.add_argument(
-                f"--no-{flag}", dest=name, action="store_false", default=default, help=f"turn off: {setting.help}"
+                _flag(name), dest=name, action="store_false", default=default, help=f"turn off: {setting.help}"
             )
             continue
         shown = (
@@ -81,7 +93,7 @@ def _add_setting_options(parser: argparse.ArgumentParser, title: str, names: Seq
         )
         choices = setting.allowed() if setting.kind == "choice" else None
         group.add_argument(
-            f"--{flag}",
+            _flag(name),
             dest=name,
             type=_option_type(name),
             default=default,
@@ -364,9 +376,9 @@ def _print_duplicates(model, records: list, args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from softpatch.evaluation.benchmark import METHODS, run_benchmark
+    from softpatch.evaluation.benchmark import BENCHMARK_METHODS, run_benchmark
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(BENCHMARK_METHODS)
     report = run_benchmark(
         args.data_dir,
         noise=args.noise,
@@ -432,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a bundle with its threshold to ONNX or OpenVINO (run it with deploy/softpatch_infer.py)"
     )
     export.add_argument("bundle")
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="model format (default onnx)")
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=DEFAULT_EXPORT_FORMAT,
+        help=f"model format (default {DEFAULT_EXPORT_FORMAT})",
+    )
     export.add_argument("-o", "--output", required=True, help="model file to write (.onnx, or .xml plus .bin)")
     export.add_argument("--threshold", type=float, default=None, help="image threshold (default: the bundle's)")
     export.set_defaults(run=_cmd_export)
@@ -499,7 +516,7 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         return int(args.run(args) or 0)
     except SoftPatchError as exc:
-        print(f"softpatch: error: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 2
     except MemoryError:
         print("softpatch: error: out of memory; use fewer images or a smaller --crop", file=sys.stderr)

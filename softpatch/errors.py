@@ -1,8 +1,21 @@
 """Errors raised on purpose. Each message is one clear sentence a user can act on."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class SoftPatchError(Exception):
-    """Base of every error the core raises deliberately; ``str(err)`` is shown to users as is."""
+    """Base of every error the core raises deliberately; ``str(err)`` is shown to users as is.
+
+    Messages name settings by their config names (``weights``, ``pretrained``), never by how one front
+    end spells them; ``settings`` lists the settings or parameters that would fix the problem, so that a
+    front end can add its own spelling (the CLI its options, the app its widgets).
+    """
+
+    def __init__(self, message: str = "", *, settings: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.settings: tuple[str, ...] = tuple(settings)
 
 
 class ImageLoadError(SoftPatchError):
@@ -35,3 +48,7 @@ class ExportError(SoftPatchError):
 
 class ThresholdError(SoftPatchError):
     """A threshold cannot be set from these images (too few, bad target); the message says why."""
+
+
+class MetricError(SoftPatchError, ValueError):
+    """A metric is undefined for these labels, scores or masks (one class only, empty, NaN); says which."""

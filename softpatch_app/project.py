@@ -421,8 +421,8 @@ def _settings(saved: object, defaults: AppSettings) -> AppSettings:
 
 def _restore_model(session: SessionData, saved: dict, env: Environment, notes: list[str]) -> str | None:
     """Load the bundle named in ``saved`` into ``session``; returns its file name, or None (with a note)."""
+    from softpatch.config import RETUNE_FIELDS
     from softpatch.deployment.bundle import load_bundle
-    from softpatch.method.model import RETUNE_FIELDS
 
     name = saved.get("bundle")
     if not isinstance(name, str) or not re.fullmatch(rf"{BUNDLE_PREFIX}\d+{re.escape(BUNDLE_SUFFIX)}", name):

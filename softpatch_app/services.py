@@ -15,6 +15,7 @@ import numpy as np
 from softpatch import SoftPatch
 from softpatch.config import RETUNE_FIELDS
 from softpatch.errors import DataError
+from softpatch.evaluation.threshold import DEFAULT_TARGET_FPR
 from softpatch.method.contamination import Advice, advice
 from softpatch.runtime.progress import report as report_progress
 from softpatch_app.cache import feature_token, file_token, get_extractor
@@ -364,7 +365,6 @@ THRESHOLD_METHODS = {
     "percentile": "A percentile of known-good test scores",
     "manual": "By hand",
 }
-DEFAULT_TARGET_FPR = 0.01
 
 
 @dataclass(frozen=True)

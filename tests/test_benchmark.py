@@ -13,7 +13,7 @@ import torch
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import DataError, SoftPatchError
 from softpatch.evaluation.benchmark import (
-    METHODS,
+    BENCHMARK_METHODS,
     PROTOCOLS,
     BenchmarkReport,
     MethodResult,
@@ -59,13 +59,13 @@ def _run(mvtec_root: Path, config: SoftPatchConfig, methods: list[str], **kwargs
 
 @pytest.fixture(scope="module")
 def full_report(mvtec_root: Path, small_config: SoftPatchConfig) -> BenchmarkReport:
-    return _run(mvtec_root, small_config, list(METHODS))
+    return _run(mvtec_root, small_config, list(BENCHMARK_METHODS))
 
 
 def test_one_result_per_method_with_metrics_in_range(
     full_report: BenchmarkReport, small_config: SoftPatchConfig
 ) -> None:
-    methods = list(METHODS)
+    methods = list(BENCHMARK_METHODS)
     report = full_report
     assert [r.method for r in report.results] == methods
     for result in report.results:
@@ -119,7 +119,7 @@ def test_method_settings_do_not_leak_into_the_next(
             assert seen["config"].discriminator == "none"
             assert torch.all(seen["weights"] == 1) and seen["removed"] == 0
         else:
-            assert seen["config"].discriminator == METHODS[method]["discriminator"]
+            assert seen["config"].discriminator == BENCHMARK_METHODS[method]["discriminator"]
             assert seen["config"].soft_weight is True
             assert not torch.all(seen["weights"] == 1), f"{method} keeps its soft weights"
             assert seen["removed"] > 0

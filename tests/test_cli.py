@@ -421,7 +421,32 @@ def test_pretrained_default_backbone_offline_is_one_line(
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("softpatch: error: ")
-    assert "--weights" in lines[0] and "--no-pretrained" in lines[0]
+    assert lines[0].endswith("(options: --weights, --no-pretrained)")
+
+
+def test_core_error_messages_name_no_command_line_option() -> None:
+    """Core errors name settings (``weights``); only the CLI turns them into options (``--weights``)."""
+    import ast
+
+    option = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in sorted((REPO / "softpatch").rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if option.search(node.value):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:60]!r}")
+    assert found == []
 
 
 def test_unwritable_output_is_one_line(synthetic_set: SyntheticSet) -> None:

@@ -313,8 +313,10 @@ def test_pretrained_without_network_fails_fast_with_the_ways_out(
         create_backbone(small_config.replace(pretrained=True))
     message = str(info.value)
     assert "resnet18" in message
-    assert "--weights" in message, "the message offers a local weights file"
-    assert "--no-pretrained" in message, "and random weights"
+    assert "set weights to a local weights file" in message, "the message offers a local weights file"
+    assert "turn pretrained off" in message, "and random weights"
+    assert "--" not in message, "core messages name settings, not command-line options"
+    assert info.value.settings == ("weights", "pretrained"), "front ends add their own spelling of these"
 
 
 def _randomise_batch_norms(model: torch.nn.Module, seed: int) -> None:

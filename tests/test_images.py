@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from softpatch.errors import ImageLoadError, SoftPatchError
-from softpatch.io.images import ImageTransform, failure_reason, image_size, load_image, load_mask
+from softpatch.io.images import (
+    ImageTransform,
+    failure_reason,
+    image_size,
+    load_image,
+    load_mask,
+    load_mask_for_crop,
+)
 from softpatch.io.limits import LoadLimits
 from tests.hostile_corpus import (
     animated_gif,
@@ -324,14 +331,6 @@ def test_transform_accepts_other_modes_and_extreme_shapes() -> None:
         assert t(image).shape == (3, 56, 56)
 
 
-def test_transform_batch() -> None:
-    t = ImageTransform(40, 32)
-    batch = t.batch([noise_image(50, 30, seed=i) for i in range(3)])
-    assert batch.shape == (3, 3, 32, 32)
-    assert torch.equal(batch[1], t(noise_image(50, 30, seed=1)))
-    assert t.batch([]).shape == (0, 3, 32, 32)
-
-
 def test_transform_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="crop"):
         ImageTransform(32, 64)
@@ -350,6 +349,21 @@ def test_mask_follows_the_image_geometry() -> None:
     assert (crop_mask == bright).mean() > 0.97
     with pytest.raises(ValueError):
         t.mask(np.zeros((2, 2, 2), dtype=bool))
+
+
+def test_mask_for_crop_matches_the_transform_and_none_is_all_false(tmp_path) -> None:
+    t = ImageTransform(64, 48)
+    arr = np.zeros((90, 150), dtype=np.uint8)
+    arr[20:50, 100:140] = 200
+    path = tmp_path / "m.png"
+    path.write_bytes(encode(Image.fromarray(arr), "PNG"))
+    crop_mask = load_mask_for_crop(path, t)
+    assert crop_mask.shape == (48, 48) and crop_mask.dtype == bool
+    assert np.array_equal(crop_mask, t.mask(arr >= 128)) and crop_mask.any()
+    empty = load_mask_for_crop(None, t)
+    assert empty.shape == (48, 48) and not empty.any()
+    with pytest.raises(ImageLoadError):
+        load_mask_for_crop(tmp_path / "missing.png", t)
 
 
 def test_map_to_original_shape_and_constant_maps() -> None:

@@ -357,15 +357,14 @@ def test_confusion_at_counts_and_rates():
     assert c.precision == pytest.approx(0.5)
     assert c.recall == 1.0
     assert c.f1 == pytest.approx(4 / 6)
-    assert c.accuracy == pytest.approx(3 / 5)
 
 
 def test_confusion_rates_are_safe_with_zero_denominators():
     c = Confusion(tp=0, fp=0, tn=0, fn=0)
-    assert (c.fpr, c.fnr, c.precision, c.recall, c.f1, c.accuracy) == (0.0,) * 6
+    assert (c.fpr, c.fnr, c.precision, c.recall, c.f1) == (0.0,) * 5
     only_good = confusion_at([0, 0], [0.1, 0.2], 1.0)
     assert only_good == Confusion(tp=0, fp=0, tn=2, fn=0)
-    assert only_good.fnr == 0.0 and only_good.accuracy == 1.0
+    assert only_good.fnr == 0.0 and only_good.fpr == 0.0
 
 
 def test_confusion_is_frozen():

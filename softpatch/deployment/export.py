@@ -47,8 +47,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from softpatch.deployment.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS, EXPORT_SUFFIXES
 from softpatch.errors import ExportError
 from softpatch.io.images import IMAGENET_MEAN, IMAGENET_STD
+from softpatch.io.limits import format_bytes
 from softpatch.method.anomaly_map import anomaly_maps, map_operators
 from softpatch.method.features import FeatureExtractor
 from softpatch.method.memory_bank import MemoryBank
@@ -70,7 +72,6 @@ __all__ = [
     "run_exported",
 ]
 
-EXPORT_FORMATS = ("onnx", "openvino")
 EXPORT_FORMAT_NAME = "softpatch-export"
 EXPORT_FORMAT_VERSION = 1
 # Opset 17: supported by onnxruntime >= 1.11 and OpenVINO >= 2022.3, so older line PCs can run the file.
@@ -115,13 +116,12 @@ class ExportReport:
 
     def summary(self) -> str:
         """Two lines for the CLI and the app."""
-        mb = 2**20
         return (
-            f"exported {self.model_file} ({self.format}, {self.file_bytes / mb:.1f} MB: backbone "
-            f"{self.backbone_bytes / mb:.1f} MB + memory bank {self.bank_bytes / mb:.1f} MB, {self.bank_rows} x "
+            f"exported {self.model_file} ({self.format}, {format_bytes(self.file_bytes)}: backbone "
+            f"{format_bytes(self.backbone_bytes)} + memory bank {format_bytes(self.bank_bytes)}, {self.bank_rows} x "
             f"{self.feature_dim}); threshold {self.threshold:.6g}\n"
             f"input: uint8 RGB (N, {self.crop}, {self.crop}, 3) after a bilinear squash-resize to {self.resize} x "
-            f"{self.resize} and a centre crop; {self.distance_bytes_per_image / mb:.1f} MB of distances per image; "
+            f"{self.resize} and a centre crop; {format_bytes(self.distance_bytes_per_image)} of distances per image; "
             f"checked against the Python scorer: scores within {self.probe_agreement.score_difference:.1e} relative, "
             f"maps within {self.probe_agreement.map_difference:.1e}"
         )
@@ -166,7 +166,7 @@ class _ScoringGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # The same float32 multiply-add as ImageTransform, so the backbone sees identical inputs.
         x = (image.float() * self.scale + self.bias).permute(0, 3, 1, 2)
-        features = self.extractor.aggregate(self.extractor._runner(x))  # (N, P, D)
+        features = self.extractor.aggregate(self.extractor.runner(x))  # (N, P, D)
         n = features.shape[0]
         queries = features.reshape(-1, features.shape[-1])  # (N*P, D)
         # Rank by the expanded form (one matrix product), as the package's exhaustive search does, then
@@ -346,7 +346,7 @@ def _write_openvino(onnx_path: Path, metadata: dict[str, str], xml_path: Path) -
 def read_export_metadata(path: str | Path) -> dict[str, str]:
     """The ``softpatch.*`` metadata of an exported ``.onnx`` or OpenVINO ``.xml`` file, keys without the prefix."""
     path = Path(path)
-    if path.suffix == ".xml":
+    if path.suffix == EXPORT_SUFFIXES["openvino"]:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
@@ -367,7 +367,7 @@ def run_exported(path: str | Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
     Returns the outputs by name (``OUTPUT_NAMES``). For checks and tests; the line uses ``deploy/softpatch_infer.py``.
     """
     path = Path(path)
-    if path.suffix == ".xml":
+    if path.suffix == EXPORT_SUFFIXES["openvino"]:
         import openvino as ov
 
         # fp32 on purpose: OpenVINO's CPU plugin would otherwise run bf16 on CPUs that support it.
@@ -479,7 +479,7 @@ def export_model(
     model_or_bundle: object,
     out: str | Path,
     *,
-    format: str = "onnx",
+    format: str = DEFAULT_EXPORT_FORMAT,
     threshold: float | None = None,
 ) -> ExportReport:
     """Export a fitted ``SoftPatch`` (or a bundle path) with its threshold; returns what was written.
@@ -501,8 +501,8 @@ def export_model(
     threshold = model.threshold_ if threshold is None else threshold
     if threshold is None or not math.isfinite(float(threshold)):
         raise ExportError(
-            "this model has no threshold: choose one first (Deploy page, or save_bundle(..., threshold=T)) or pass "
-            "--threshold"
+            "this model has no threshold: choose one first (save it with the bundle) or give one to the export",
+            settings=("threshold",),
         )
     threshold = float(threshold)
     model = _scorer_for_export(model)
@@ -518,14 +518,14 @@ def export_model(
         threshold=threshold,
         rows_layout=format == "openvino",
     ).eval()
-    weights_bytes = _tensor_bytes(extractor._runner.state_dict().values())
+    weights_bytes = _tensor_bytes(extractor.runner.state_dict().values())
     bank_bytes = _tensor_bytes(iter([graph.bank_t, graph.bank_sq, graph.weights]))
     if weights_bytes + bank_bytes > _ONNX_LIMIT_BYTES:
         raise ExportError(
-            f"backbone ({weights_bytes / 2**30:.2f} GB) and memory bank ({bank_bytes / 2**30:.2f} GB) exceed ONNX's "
+            f"backbone ({format_bytes(weights_bytes)}) and memory bank ({format_bytes(bank_bytes)}) exceed ONNX's "
             "2 GB file limit: lower the coreset ratio or the feature dimension"
         )
-    suffix = ".onnx" if format == "onnx" else ".xml"
+    suffix = EXPORT_SUFFIXES[format]
     out = Path(out)
     path = out if out.suffix == suffix else out.with_name(out.name + suffix)
     metadata = _metadata(model, threshold, model.grid_shape_)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from softpatch.errors import SoftPatchError
 from softpatch.evaluation.metrics import aupro, image_auroc, pixel_auroc
 from softpatch.evaluation.protocols import PROTOCOL_CHOICES, PROTOCOLS
 from softpatch.io.datasets import ImageRecord, NoisySplit, load_mvtec, make_noisy_split
-from softpatch.io.images import load_mask
+from softpatch.io.images import ImageTransform, load_mask_for_crop
 from softpatch.method.model import SoftPatch
 from softpatch.runtime.progress import ProgressCallback, report
 
 # Benchmark method name -> the config changes that make it.
-METHODS: dict[str, dict[str, object]] = {
+BENCHMARK_METHODS: dict[str, dict[str, object]] = {
     "patchcore": {"discriminator": "none", "soft_weight": False},
     "softpatch-nearest": {"discriminator": "nearest"},
     "softpatch-gaussian": {"discriminator": "gaussian"},
@@ -65,19 +66,13 @@ class BenchmarkReport:
         return "\n".join(lines)
 
 
-def _test_masks(model: SoftPatch, records: list[ImageRecord]) -> np.ndarray | None:
-    """``(n, crop, crop)`` ground-truth masks in the model's geometry; None if an anomalous image lacks one."""
-    transform = model.transform_
-    crop = model.config.crop
-    masks = []
-    for record in records:
-        if record.label == 0:
-            masks.append(np.zeros((crop, crop), dtype=bool))
-        elif record.mask_path is None:
-            return None
-        else:
-            masks.append(transform.mask(load_mask(record.mask_path)))
-    return np.stack(masks)
+def ground_truth_masks(records: Sequence[ImageRecord], transform: ImageTransform) -> np.ndarray | None:
+    """Bool ``(n, crop, crop)`` ground-truth masks of labelled test ``records`` in ``transform``'s geometry
+    (True = defect pixel); all False for good images; None when an anomalous image has no mask."""
+    if any(record.label == 1 and record.mask_path is None for record in records):
+        return None
+    # A good image's mask is all False whatever file it names.
+    return np.stack([load_mask_for_crop(r.mask_path if r.label else None, transform) for r in records])
 
 
 def protocol_metrics(
@@ -132,9 +127,9 @@ def run_benchmark(
     """
     if protocol not in PROTOCOL_CHOICES:
         raise SoftPatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOL_CHOICES)}")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in BENCHMARK_METHODS]
     if unknown:
-        raise SoftPatchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        raise SoftPatchError(f"unknown methods {unknown}; choose from {', '.join(BENCHMARK_METHODS)}")
     if not methods:
         raise SoftPatchError("no methods to benchmark")
     protocols = PROTOCOL_CHOICES[protocol]
@@ -146,7 +141,7 @@ def run_benchmark(
         if len(set(labels[keep].tolist())) < 2:
             raise SoftPatchError(f"the {p} test split needs both good and anomalous images")
 
-    first = SoftPatch(config.replace(**METHODS[methods[0]]))
+    first = SoftPatch(config.replace(**BENCHMARK_METHODS[methods[0]]))
     report(progress, 0.0, f"features: training set of {len(split.train)} images")
     start = time.perf_counter()
     embeddings = first.embed(split.train)
@@ -154,7 +149,7 @@ def run_benchmark(
     start = time.perf_counter()
     test_embeddings = first.embed(split.test)
     test_features_s = time.perf_counter() - start
-    masks = _test_masks(first, split.test)
+    masks = ground_truth_masks(split.test, first.transform_)
 
     results = []
     base: SoftPatch | None = None
@@ -166,7 +161,11 @@ def run_benchmark(
             model = base
         else:
             # Start from the user's settings each time, so one method's changes never leak into the next.
-            settings = {"soft_weight": config.soft_weight, "discriminator": config.discriminator, **METHODS[method]}
+            settings = {
+                "soft_weight": config.soft_weight,
+                "discriminator": config.discriminator,
+                **BENCHMARK_METHODS[method],
+            }
             model = base.variant(**settings)
         model.build_memory_bank()
         fit_s = train_features_s + time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 Direction everywhere: a higher score means more anomalous, and ``score >= threshold`` is predicted
 anomalous. Labels are 0 (good) / 1 (anomalous); masks are bool, True on defect pixels.
-Functions raise ``ValueError`` with a clear message when a metric is undefined for the input
+Functions raise ``MetricError`` (a ``SoftPatchError`` and a ``ValueError``) with a clear message when a metric is undefined for the input
 (for example only one class present), never return NaN silently.
 """
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+
+from softpatch.errors import MetricError
 
 __all__ = [
     "Confusion",
@@ -38,13 +40,13 @@ def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
-        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+        raise MetricError(f"labels and scores must have the same length, got {y.size} and {s.size}")
     if y.size == 0:
-        raise ValueError("labels and scores are empty")
+        raise MetricError("labels and scores are empty")
     if y.dtype != bool and not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (good) or 1 (anomalous)")
+        raise MetricError("labels must be 0 (good) or 1 (anomalous)")
     if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN or infinite values")
+        raise MetricError("scores contain NaN or infinite values")
     return y.astype(bool), s
 
 
@@ -57,19 +59,19 @@ def _masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     if a.ndim == 2:
         a = a[None]
     if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(f"masks and maps must be (n, h, w) arrays, got shapes {m.shape} and {a.shape}")
+        raise MetricError(f"masks and maps must be (n, h, w) arrays, got shapes {m.shape} and {a.shape}")
     if m.shape != a.shape:
-        raise ValueError(f"masks and maps must have the same shape, got {m.shape} and {a.shape}")
+        raise MetricError(f"masks and maps must have the same shape, got {m.shape} and {a.shape}")
     if m.size == 0:
-        raise ValueError("masks and maps are empty")
+        raise MetricError("masks and maps are empty")
     if m.dtype != bool:
         if not np.isin(m, (0, 1)).all():
-            raise ValueError("masks must be bool (or 0/1); threshold soft masks before calling")
+            raise MetricError("masks must be bool (or 0/1); threshold soft masks before calling")
         m = m.astype(bool)
     if not np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float64)
     if not np.isfinite(a).all():
-        raise ValueError("anomaly maps contain NaN or infinite values")
+        raise MetricError("anomaly maps contain NaN or infinite values")
     return m, a
 
 
@@ -77,7 +79,7 @@ def _both_classes(y: np.ndarray, what: str) -> None:
     positives = int(y.sum())
     if positives == 0 or positives == y.size:
         only = "anomalous" if positives else "good"
-        raise ValueError(f"{what} is undefined when only one class is present (all {y.size} are {only})")
+        raise MetricError(f"{what} is undefined when only one class is present (all {y.size} are {only})")
 
 
 def image_auroc(labels, scores) -> float:
@@ -122,9 +124,9 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
             n_regions += count
     n_ok = int((~m).sum())
     if n_regions == 0:
-        raise ValueError("AUPRO is undefined without defect pixels (every mask is empty)")
+        raise MetricError("AUPRO is undefined without defect pixels (every mask is empty)")
     if n_ok == 0:
-        raise ValueError("AUPRO is undefined without defect-free pixels (every mask is full)")
+        raise MetricError("AUPRO is undefined without defect-free pixels (every mask is full)")
 
     region_size = np.bincount(regions.reshape(-1), minlength=n_regions + 1).astype(np.float64)
     # When a pixel of region r becomes "predicted defective", PRO rises by 1 / (n_regions * |r|).
@@ -163,7 +165,7 @@ def aupro(masks, maps, *, fpr_limit: float = 0.3) -> float:
     Raises ValueError when no mask has a defect or no pixel is defect-free.
     """
     if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fprs, pros = pro_curve(masks, maps)
     return _area_up_to(fprs, pros, fpr_limit) / fpr_limit
 
@@ -204,7 +206,7 @@ def f1_threshold(labels, scores) -> ThresholdChoice:
     y, s = _labels_scores(labels, scores)
     n_pos = int(y.sum())
     if n_pos == 0:
-        raise ValueError("F1 is undefined without anomalous labels")
+        raise MetricError("F1 is undefined without anomalous labels")
     order = np.argsort(s)[::-1]
     s_sorted = s[order]
     tp = np.cumsum(y[order])
@@ -247,9 +249,9 @@ def rate_interval(count: int, total: int, confidence: float = 0.95, *, upper_onl
     from scipy.stats import beta
 
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+        raise MetricError(f"confidence must be between 0 and 1, got {confidence}")
     if not 0 <= count <= total:
-        raise ValueError(f"count must be between 0 and total ({total}), got {count}")
+        raise MetricError(f"count must be between 0 and total ({total}), got {count}")
     if total == 0:
         return 0.0, 1.0
     alpha = 1.0 - confidence if upper_only else (1.0 - confidence) / 2
@@ -292,10 +294,6 @@ class Confusion:
     @property
     def f1(self) -> float:
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
-
-    @property
-    def accuracy(self) -> float:
-        return _ratio(self.tp + self.tn, self.tp + self.fp + self.tn + self.fn)
 
     def fpr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Exact confidence interval of the false-alarm rate, from the good images counted here."""
@@ -347,7 +345,7 @@ def confusion_at(labels, scores, threshold: float) -> Confusion:
     """
     y, s = _labels_scores(labels, scores)
     if not np.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number, got {threshold}")
+        raise MetricError(f"threshold must be a finite number, got {threshold}")
     pred = s >= threshold
     return Confusion(
         tp=int((pred & y).sum()),
@@ -364,9 +362,9 @@ def percentile_threshold(good_scores, percentile: float) -> float:
     """
     s = np.asarray(good_scores, dtype=np.float64).reshape(-1)
     if s.size == 0:
-        raise ValueError("percentile_threshold needs at least one good score")
+        raise MetricError("percentile_threshold needs at least one good score")
     if not np.isfinite(s).all():
-        raise ValueError("good scores contain NaN or infinite values")
+        raise MetricError("good scores contain NaN or infinite values")
     if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        raise MetricError(f"percentile must be in [0, 100], got {percentile}")
     return float(np.percentile(s, percentile))

@@ -26,6 +26,9 @@ from softpatch.errors import ThresholdError
 from softpatch.runtime.progress import ProgressCallback, report
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_FOLDS",
+    "DEFAULT_TARGET_FPR",
     "GoodImageThreshold",
     "fpr_upper_bound",
     "out_of_sample_scores",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_FOLDS = 5
+DEFAULT_TARGET_FPR = 0.01  # share of good images a threshold may flag, unless told otherwise
 DEFAULT_CONFIDENCE = 0.95
 
 
@@ -162,7 +166,7 @@ def out_of_sample_scores(
             continue
         train = np.flatnonzero(fold != f)
         report(progress, f / folds, f"threshold: fitting fold {f + 1}/{folds} on {train.size} images")
-        sub = SoftPatch(model.config, extractor=model._get_extractor())
+        sub = SoftPatch(model.config, extractor=model.extractor_)
         with warnings.catch_warnings():  # a clamped LOF-k was already reported by the main fit
             warnings.simplefilter("ignore")
             sub.fit_embeddings(Embeddings(features[train], [names[i] for i in train], [sizes[i] for i in train], key))
@@ -176,7 +180,7 @@ def out_of_sample_scores(
 def threshold_from_good_images(
     model: object,
     *,
-    target_fpr: float = 0.01,
+    target_fpr: float = DEFAULT_TARGET_FPR,
     folds: int = DEFAULT_FOLDS,
     exclude: Collection[str] = (),
     exclude_most_suspicious: int = 0,

@@ -19,7 +19,7 @@ import numpy as np
 from softpatch.errors import DataError, ImageLoadError
 from softpatch.io.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
 from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits
-from softpatch.io.paths import ReadScope, is_within
+from softpatch.io.paths import ReadScope, is_within, unreadable_reason
 
 __all__ = [
     "Dataset",
@@ -31,7 +31,6 @@ __all__ = [
     "load_mvtec",
     "make_noisy_split",
     "scan_images",
-    "summarize_skipped",
 ]
 
 # Names that operating systems and archivers leave behind; never data.
@@ -144,12 +143,8 @@ def _check_root(root: str | os.PathLike) -> Path:
     path = Path(root).expanduser()
     try:
         st = path.stat()
-    except FileNotFoundError:
-        raise DataError(f"folder not found: {path}") from None
-    except PermissionError:
-        raise DataError(f"cannot read folder {path}: permission denied") from None
     except OSError as exc:
-        raise DataError(f"cannot read folder {path}: {exc.strerror or exc}") from None
+        raise DataError(unreadable_reason("folder", path, exc)) from None
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{path} is a file, not a folder; give the folder that contains the images")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -248,24 +243,22 @@ def _walk(root: Path, skipped: list[SkippedFile], scope: ReadScope | None = None
     return candidates
 
 
-def _check_image(path: Path, limits: LoadLimits) -> str | None:
-    """None when the file decodes, else the reason it does not."""
-    try:
-        load_image(path, limits)
-    except ImageLoadError as exc:
-        return failure_reason(exc)
-    return None
-
-
 def _decode_all(
-    paths: Sequence[Path], limits: LoadLimits, check: Callable[[Path, LoadLimits], str | None] | None = None
+    paths: Sequence[Path], limits: LoadLimits, decode: Callable[[Path, LoadLimits], object] = load_image
 ) -> list[str | None]:
-    """Decode every file once (``check`` returns None or the failure reason).
+    """Decode every file once with ``decode``: per file None when it decodes, else the reason it does not.
 
     Pillow releases the GIL while decoding, so a small thread pool helps; it stays small because each
     worker may hold one full-size decoded image.
     """
-    check = check or _check_image
+
+    def check(path: Path, limits: LoadLimits) -> str | None:
+        try:
+            decode(path, limits)
+        except ImageLoadError as exc:
+            return failure_reason(exc)
+        return None
+
     workers = min(4, os.cpu_count() or 1, max(1, len(paths)))
     if workers == 1:
         return [check(p, limits) for p in paths]
@@ -297,7 +290,7 @@ def _scan_folder(
     return records, skipped
 
 
-def summarize_skipped(skipped: Sequence[SkippedFile], *, top: int = 4) -> str:
+def _summarize_skipped(skipped: Sequence[SkippedFile], *, top: int = 4) -> str:
     """ "3 not an image file type, 2 truncated or corrupt image data": the most common reasons, counted."""
     counts = Counter(s.reason for s in skipped).most_common()
     parts = [f"{n} {reason}" for reason, n in counts[:top]]
@@ -312,7 +305,7 @@ def _no_images_error(root: Path, skipped: Sequence[SkippedFile]) -> DataError:
         return DataError(f"no images in {root}: the folder is empty")
     n = len(skipped)
     noun = "file" if n == 1 else "files"
-    return DataError(f"no readable images in {root}: {n} {noun} skipped ({summarize_skipped(skipped)})")
+    return DataError(f"no readable images in {root}: {n} {noun} skipped ({_summarize_skipped(skipped)})")
 
 
 def scan_images(
@@ -371,14 +364,6 @@ def find_mask(rel_in_defect: PurePosixPath, masks: dict[str, Path]) -> Path | No
     for key in options:
         if key.lower() in lowered:
             return lowered[key.lower()]
-    return None
-
-
-def _check_mask(path: Path, limits: LoadLimits) -> str | None:
-    try:
-        load_mask(path, limits)
-    except ImageLoadError as exc:
-        return failure_reason(exc)
     return None
 
 
@@ -449,7 +434,7 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, sco
                     ImageRecord(path=record.path, label=label, defect=defect, mask_path=mask, relpath=record.relpath)
                 )
         # Masks are decoded up front too, so that pixel metrics never meet an unreadable one.
-        reasons = _decode_all([m for _, m in masks_to_check], limits, check=_check_mask)
+        reasons = _decode_all([m for _, m in masks_to_check], limits, decode=load_mask)
         for (i, mask), reason in zip(masks_to_check, reasons, strict=True):
             if reason is not None:
                 test_skipped.append(SkippedFile(str(mask.relative_to(base).as_posix()), f"mask not used: {reason}"))

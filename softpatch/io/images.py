@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ __all__ = [
     "image_size",
     "load_image",
     "load_mask",
+    "load_mask_for_crop",
 ]
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,21 @@ def load_mask(source: ImageSource, limits: LoadLimits | None = None) -> np.ndarr
     return np.asarray(gray) >= 128
 
 
+def load_mask_for_crop(
+    source: ImageSource | None, transform: ImageTransform, limits: LoadLimits | None = None
+) -> np.ndarray:
+    """A ground-truth mask in a model's geometry: bool ``(crop, crop)``, True = defect.
+
+    The mask file is decoded as ``load_mask`` does (grayscale >= 128 is defect) and given the image
+    geometry of ``transform`` (squash-resize, centre-crop, nearest-neighbour), so that it lines up
+    with the model's ``(crop, crop)`` anomaly maps. ``source=None`` (an image without a mask, e.g. a
+    good one) gives an all-False mask. Raises ``ImageLoadError`` when the file cannot be decoded.
+    """
+    if source is None:
+        return np.zeros((transform.crop, transform.crop), dtype=bool)
+    return transform.mask(load_mask(source, limits))
+
+
 def _as_pil_rgb(image: Image.Image) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
@@ -400,12 +415,6 @@ class ImageTransform:
         """``(3, crop, crop)`` float32 tensor, ImageNet-normalised."""
         arr = self.crop_pixels(image).astype(np.float32) * self._scale + self._bias  # (crop, crop, 3)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(n, 3, crop, crop)`` float32 for a sequence of images (``n`` may be 0)."""
-        if len(images) == 0:
-            return torch.empty((0, 3, self.crop, self.crop), dtype=torch.float32)
-        return torch.stack([self(image) for image in images])
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """The same geometry applied to a bool ``(h, w)`` mask, nearest-neighbour: bool ``(crop, crop)``."""

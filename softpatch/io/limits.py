@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from softpatch.config import ConfigError
+
 
 @dataclass(frozen=True)
 class LoadLimits:
@@ -25,9 +27,9 @@ class LoadLimits:
             "max_zip_members",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_zip_ratio <= 1:
-            raise ValueError("max_zip_ratio must be > 1")
+            raise ConfigError(f"max_zip_ratio must be over 1, got {self.max_zip_ratio}")
 
 
 DEFAULT_LIMITS = LoadLimits()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ReadScope", "is_within", "resolve_path"]
+__all__ = ["ReadScope", "is_within", "resolve_path", "unreadable_reason"]
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -32,6 +32,15 @@ def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """
     real, root_real = _real(path), _real(root)
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def unreadable_reason(what: str, path: str | os.PathLike, error: OSError) -> str:
+    """One sentence for an ``OSError`` met opening ``path``, a ``what`` ("folder", "archive"):
+    "folder not found: /x", "cannot read archive /y: permission denied"."""
+    if isinstance(error, FileNotFoundError):
+        return f"{what} not found: {os.fspath(path)}"
+    reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error))
+    return f"cannot read {what} {os.fspath(path)}: {reason}"
 
 
 @dataclass(frozen=True)

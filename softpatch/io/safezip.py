@@ -30,7 +30,7 @@ from typing import BinaryIO
 from softpatch.errors import DataError
 from softpatch.io.datasets import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
-from softpatch.io.paths import is_within
+from softpatch.io.paths import is_within, unreadable_reason
 
 __all__ = ["ARCHIVE_EXTENSIONS", "ExtractResult", "extract_zip", "safe_relative_parts", "single_folder_root"]
 
@@ -113,12 +113,8 @@ def _open_source(source: str | os.PathLike | bytes | BinaryIO, limits: LoadLimit
             if size > limits.max_upload_bytes:
                 raise DataError(f"{too_big} ({format_bytes(size)}; LoadLimits.max_upload_bytes)")
             fh = open(path, "rb")
-        except FileNotFoundError:
-            raise DataError(f"archive not found: {path}") from None
-        except PermissionError:
-            raise DataError(f"cannot read archive {path}: permission denied") from None
         except OSError as exc:
-            raise DataError(f"cannot read archive {path}: {exc.strerror or exc}") from None
+            raise DataError(unreadable_reason("archive", path, exc)) from None
         with fh:
             yield fh
         return

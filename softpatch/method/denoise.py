@@ -3,39 +3,56 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
+from softpatch.config import TAU_SCOPES, ConfigError
 
-def select_removed(scores: np.ndarray, tau: float, scope: str) -> np.ndarray:
-    """The patches removed as noise: the top ``tau`` of ``scores`` ``(N, P)``; returns a bool ``(N, P)`` mask.
 
-    ``scope="global"`` makes one cut over all N*P patches (the paper), so images with many outlying
-    patches lose more; ``scope="position"`` removes the top ``tau`` at every position, so every
-    region of the part keeps the same share of patches.
-    """
+def _global_cut(scores: np.ndarray, tau: float) -> np.ndarray:
     n, p = scores.shape
     removed = np.zeros((n, p), dtype=bool)
-    if tau <= 0 or n == 0:
-        return removed
-    if scope == "global":
-        count = round(tau * n * p)
-        if count:
-            # Stable sort on the negated scores: ties are broken by position in the array, reproducibly.
-            order = np.argsort(-scores, axis=None, kind="stable")[:count]
-            removed.flat[order] = True
-    elif scope == "position":
-        count = round(tau * n)
-        if count:
-            order = np.argsort(-scores, axis=0, kind="stable")[:count]  # (count, P)
-            removed[order, np.arange(p)[None, :]] = True
-    else:
-        raise ValueError(f"unknown tau scope {scope!r}")
+    count = round(tau * n * p)
+    if count:
+        # Stable sort on the negated scores: ties are broken by position in the array, reproducibly.
+        removed.flat[np.argsort(-scores, axis=None, kind="stable")[:count]] = True
     return removed
 
 
+def _position_cut(scores: np.ndarray, tau: float) -> np.ndarray:
+    n, p = scores.shape
+    removed = np.zeros((n, p), dtype=bool)
+    count = round(tau * n)
+    if count:
+        order = np.argsort(-scores, axis=0, kind="stable")[:count]  # (count, P)
+        removed[order, np.arange(p)[None, :]] = True
+    return removed
+
+
+# Tau scope -> the cut: bool (N, P) removed mask from (N, P) scores and tau. Keys are config.TAU_SCOPES.
+TAU_CUTS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {"global": _global_cut, "position": _position_cut}
+assert set(TAU_CUTS) == set(TAU_SCOPES), "every tau scope of the config has a cut"
+
+
+def select_removed(scores: np.ndarray, tau: float, scope: str) -> np.ndarray:
+    """The patches removed as noise: the top ``tau`` of ``scores`` ``(N, P)`` (higher = more likely noise);
+    returns a bool ``(N, P)`` mask, True = removed.
+
+    ``scope="global"`` makes one cut over all N*P patches (the paper), so images with many outlying
+    patches lose more; ``scope="position"`` removes the top ``tau`` at every position, so every
+    region of the part keeps the same share of patches. Raises ``ConfigError`` for another scope.
+    """
+    if scope not in TAU_CUTS:
+        raise ConfigError(f"tau_scope must be one of {', '.join(map(repr, TAU_SCOPES))}; got {scope!r}")
+    if tau <= 0 or scores.shape[0] == 0:
+        return np.zeros(scores.shape, dtype=bool)
+    return TAU_CUTS[scope](scores, tau)
+
+
 def soft_weights(scores: np.ndarray) -> np.ndarray:
-    """Eq. 8's weights: outlier scores divided by their median, so a typical patch weighs 1.
+    """Eq. 8's weights: outlier scores ``(...)`` divided by their median, so a typical patch weighs 1;
+    float32, same shape, higher = more likely noise (all ones when the median is not positive).
 
     LOF scores are already about 1 for inliers; the division puts distance-like discriminators
     (nearest, gaussian) on the same footing. A uniform scale does not change any ranking.

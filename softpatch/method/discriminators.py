@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softpatch.config import DEFAULTS
 from softpatch.runtime.chunking import run_in_chunks
 from softpatch.runtime.progress import ProgressCallback, report
 
@@ -30,11 +31,11 @@ _REACH_FLOOR = 0.05
 
 @dataclass(frozen=True)
 class DiscriminatorParams:
-    """The discriminator settings of a ``SoftPatchConfig``."""
+    """The discriminator settings of a ``SoftPatchConfig`` (defaults: its own, from ``config.DEFAULTS``)."""
 
-    lof_k: int = 6
-    gaussian_reg: float = 0.01
-    fusion: tuple[str, ...] = ("nearest", "gaussian", "lof")
+    lof_k: int = DEFAULTS["lof_k"]
+    gaussian_reg: float = DEFAULTS["gaussian_reg"]
+    fusion: tuple[str, ...] = DEFAULTS["fusion"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def compute_neighbours(
     ``features``: ``(N, P, D)``. Chunked over positions so that peak memory stays within ``budget_bytes``.
     """
     n, p, d = features.shape
-    k = max(1, min(k, n - 1))
+    k = clamp_lof_k(k, n)
     dist_out = torch.empty(p, n, k, dtype=torch.float32)
     index_out = torch.empty(p, n, k, dtype=torch.int32)
     step = _positions_per_chunk(n, d, budget_bytes, with_features=True)

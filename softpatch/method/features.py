@@ -18,6 +18,7 @@ from torch import nn
 from softpatch.config import SoftPatchConfig
 from softpatch.errors import ResourceError, WeightsError
 from softpatch.io.fileformats import NotSafetensorsError, container_kind, read_safetensors_header
+from softpatch.io.limits import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,9 @@ def _timm_errors(config: SoftPatchConfig) -> Iterator[None]:
         if config.weights_source == "pretrained":
             raise WeightsError(
                 f"pretrained weights for {config.backbone!r} could not be downloaded (no network?) and are not in "
-                "the local cache. Point to a local weights file (the weights setting: --weights FILE on the command "
-                "line, SOFTPATCH_WEIGHTS=FILE for the app), or choose random weights explicitly (--no-pretrained on "
-                "the command line) to try the workflow only."
+                "the local cache: set weights to a local weights file, or turn pretrained off (random weights) to "
+                "try the workflow only",
+                settings=("weights", "pretrained"),
             ) from None
         raise WeightsError(f"cannot build backbone {config.backbone!r}: {text[:200]}") from None
 
@@ -184,8 +185,8 @@ def check_backbone_size(config: SoftPatchConfig) -> int:
     limit = min(_MAX_BACKBONE_BYTES, available_memory(torch.device("cpu")) // 3)
     if size > limit:
         raise ResourceError(
-            f"backbone {config.backbone!r} with these settings has {size / 1024**3:.1f} GiB of weights; this machine "
-            f"allows at most {limit / 1024**3:.1f} GiB: choose a smaller backbone"
+            f"backbone {config.backbone!r} with these settings has {format_bytes(size)} of weights; this machine "
+            f"allows at most {format_bytes(limit)}: choose a smaller backbone"
         )
     return size
 
@@ -304,7 +305,8 @@ class FeatureExtractor(nn.Module):
         self.stride = backbone.feature_info.reduction()[0]
 
     @property
-    def _runner(self) -> nn.Module:
+    def runner(self) -> nn.Module:
+        """The network that computes the feature maps: the batch-norm-folded copy where there is one."""
         return self.backbone if self.inference_backbone is None else self.inference_backbone
 
     def grid_shape(self, crop: int) -> tuple[int, int]:
@@ -316,9 +318,9 @@ class FeatureExtractor(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-                maps = self._runner(images)
+                maps = self.runner(images)
         else:
-            maps = self._runner(images)
+            maps = self.runner(images)
         return self.aggregate(maps)
 
     def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from softpatch.config import SEARCH_METHODS
 from softpatch.method.search import BoundedSearch, ExhaustiveSearch, NeighbourMatch, exhaustive_search_torch
 
 __all__ = ["MemoryBank", "NeighbourMatch"]
@@ -66,8 +67,8 @@ class MemoryBank:
         ``calibration`` ``(n, D)``: patches like future queries, on which the bounded search tunes itself
         now rather than on the first search.
         """
-        if method not in ("bounded", "exhaustive"):
-            raise ValueError(f"unknown search method {method!r}; choose 'bounded' or 'exhaustive'")
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
         if device.type == "cuda" or len(self) == 0:
             return None
         if method == "bounded" and len(self) < _BOUNDED_MIN_ROWS:

@@ -7,16 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from softpatch.config import SoftPatchConfig
+from softpatch.io.limits import format_bytes
 from softpatch.method.discriminators import neighbour_cache_k
+from softpatch.runtime.device import default_batch_size
 
 # Share of free memory one chunk of discriminator work may use.
 _CHUNK_SHARE = 0.15
 _MIN_CHUNK_BYTES = 64 * 1024**2
 _MAX_CHUNK_BYTES = 2 * 1024**3
-
-
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,9 @@ class MemoryEstimate:
 
     def refusal_message(self, available: int) -> str:
         return (
-            f"this needs about {_gib(self.total_bytes)} of memory ({self.n_images} images: features "
-            f"{_gib(self.features_bytes)}, noise scores {_gib(self.neighbours_bytes)}, coreset "
-            f"{_gib(self.coreset_bytes)}, backbone {_gib(self.backbone_bytes)}) but only {_gib(available)} is free; "
+            f"this needs about {format_bytes(self.total_bytes)} of memory ({self.n_images} images: features "
+            f"{format_bytes(self.features_bytes)}, noise scores {format_bytes(self.neighbours_bytes)}, coreset "
+            f"{format_bytes(self.coreset_bytes)}, backbone {format_bytes(self.backbone_bytes)}) but only {format_bytes(available)} is free; "
             "use fewer images, a smaller crop, or a smaller feature size"
         )
 
@@ -62,7 +60,8 @@ def estimate_fit_memory(
 
 def backbone_batch_bytes(config: SoftPatchConfig) -> int:
     """Weights and the activations of one backbone batch (a generous rule of thumb: 40 floats per input value)."""
-    return 400 * 1024**2 + (config.batch_size or 32) * 3 * config.crop**2 * 4 * 40
+    batch = config.batch_size or default_batch_size(torch.device("cuda"))  # the larger default: an upper bound
+    return 400 * 1024**2 + batch * 3 * config.crop**2 * 4 * 40
 
 
 def estimate_embed_memory(config: SoftPatchConfig, n_images: int, grid: tuple[int, int]) -> MemoryEstimate:
