@@ -417,6 +417,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's parser; every setting option is derived from ``softpatch.config.SETTINGS``."""
     parser = _Parser(
         prog="softpatch",
         description="Anomaly detection that stays robust when 'good' training images are not all good.",

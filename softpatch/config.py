@@ -56,9 +56,11 @@ class Setting:
     env: bool = False  # the app reads it from SOFTPATCH_<NAME>
 
     def allowed(self) -> tuple[str, ...] | None:
+        """The allowed values of a "choice" or "names" setting (a registry's keys now), else None."""
         return self.choices() if callable(self.choices) else self.choices
 
     def bounds_text(self) -> str:
+        """The allowed range for messages, e.g. "(0, 1]" (round bracket = that end is excluded)."""
         left = "(" if self.low_open else "["
         right = ")" if self.high_open else "]"
         return f"{left}{_number(self.low)}, {_number(self.high)}{right}"
@@ -320,6 +322,7 @@ class SoftPatchConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting by name as plain JSON values (tuples become lists); ``from_dict`` reads it back."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
         data["fusion"] = list(self.fusion)

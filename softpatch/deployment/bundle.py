@@ -21,11 +21,12 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from softpatch.config import ConfigError, SoftPatchConfig
+from softpatch.config import DEFAULTS, ConfigError, SoftPatchConfig
 from softpatch.errors import BundleError, SoftPatchError
 from softpatch.io.fileformats import (
     NotSafetensorsError,
@@ -34,6 +35,9 @@ from softpatch.io.fileformats import (
     loads_json,
     read_safetensors_header,
 )
+
+if TYPE_CHECKING:
+    from softpatch.method.model import SoftPatch
 
 FORMAT_NAME = "softpatch-bundle"
 FORMAT_VERSION = 1
@@ -56,7 +60,7 @@ _DTYPE_NAMES = {
 
 
 def save_bundle(
-    model: object, path: str | Path, *, threshold: float | None = None, training_features: bool = False
+    model: SoftPatch, path: str | Path, *, threshold: float | None = None, training_features: bool = False
 ) -> Path:
     """Write a fitted ``SoftPatch`` to ``path`` (conventionally ``*.softpatch``); returns the path.
 
@@ -314,7 +318,7 @@ def _finite_non_negative(tensor: torch.Tensor) -> bool:
     return bool((torch.isfinite(tensor) & (tensor >= 0)).all())
 
 
-def load_bundle(path: str | Path, *, device: str = "auto") -> object:
+def load_bundle(path: str | Path, *, device: str = DEFAULTS["device"]) -> SoftPatch:
     """Read a bundle written by ``save_bundle``; returns a scoring-ready ``SoftPatch``.
 
     Reads the bundle file and nothing else (no network, no other file: the backbone is built without

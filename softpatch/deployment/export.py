@@ -54,7 +54,7 @@ from softpatch.io.limits import format_bytes
 from softpatch.method.anomaly_map import anomaly_maps, map_operators
 from softpatch.method.features import FeatureExtractor
 from softpatch.method.memory_bank import MemoryBank
-from softpatch.method.model import Embeddings
+from softpatch.method.model import Embeddings, ImageInput, SoftPatch
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -112,6 +112,7 @@ class ExportReport:
 
     @property
     def model_file(self) -> Path:
+        """The file to load (the ``.onnx``, or OpenVINO's ``.xml``; its ``.bin`` is ``files[1]``)."""
         return self.files[0]
 
     def summary(self) -> str:
@@ -197,9 +198,8 @@ def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _as_model(model_or_bundle: object) -> object:
+def _as_model(model_or_bundle: SoftPatch | str | Path) -> SoftPatch:
     from softpatch.deployment.bundle import load_bundle
-    from softpatch.method.model import SoftPatch
 
     if isinstance(model_or_bundle, SoftPatch):
         return model_or_bundle
@@ -208,14 +208,13 @@ def _as_model(model_or_bundle: object) -> object:
     raise ExportError(f"export needs a fitted SoftPatch model or a bundle path, got {type(model_or_bundle).__name__}")
 
 
-def _scorer_for_export(model: object) -> object:
+def _scorer_for_export(model: SoftPatch) -> SoftPatch:
     """``model``, or a shallow copy of it scoring in fp32 on a CPU: what the graph computes.
 
     The graph is traced on the CPU (no device copies in it) and always computes in fp32; the check
     compares it with the CPU fp32 scorer, the one a line PC would otherwise run. The caller's model,
     and the app's cached extractor, stay where and as they are.
     """
-    from softpatch.method.model import SoftPatch
 
     on_cpu = next(model.extractor_.parameters()).device.type == "cpu"
     if on_cpu and model.config.precision == "fp32":
@@ -284,7 +283,7 @@ def _onnx_bytes(graph: _ScoringGraph, crop: int) -> bytes:
     return buffer.getvalue()
 
 
-def _metadata(model: object, threshold: float, grid: tuple[int, int]) -> dict[str, str]:
+def _metadata(model: SoftPatch, threshold: float, grid: tuple[int, int]) -> dict[str, str]:
     from softpatch import __version__
 
     config = model.config
@@ -402,11 +401,12 @@ class Agreement:
 
     @property
     def ok(self) -> bool:
+        """Whether the export reproduces the scorer: no untied patch differs, scores and maps within tolerance."""
         return self.untied_patches == 0 and self.score_difference <= SCORE_RTOL and self.map_difference <= MAP_ATOL
 
 
 def compare_with_scorer(
-    model: object, images: Sequence[object] | Embeddings, outputs: dict[str, np.ndarray], threshold: float
+    model: SoftPatch, images: Sequence[ImageInput] | Embeddings, outputs: dict[str, np.ndarray], threshold: float
 ) -> Agreement:
     """Score ``images`` (or their ``Embeddings``) with ``model``; compare with an export's ``outputs`` on them."""
     embeddings = images if isinstance(images, Embeddings) else model.embed(images)
@@ -439,7 +439,7 @@ def compare_with_scorer(
     )
 
 
-def _check(model: object, path: Path, threshold: float) -> Agreement:
+def _check(model: SoftPatch, path: Path, threshold: float) -> Agreement:
     """Run the written file on probe images and compare with the package's scorer; ExportError if it differs."""
     images = [Image.fromarray(p) for p in _probe_images(model.config.resize)]
     pixels = np.stack([model.transform_.crop_pixels(img) for img in images])
@@ -476,7 +476,7 @@ def _backbone_bytes(data: bytes, bank_shape: tuple[int, int]) -> int:
 
 
 def export_model(
-    model_or_bundle: object,
+    model_or_bundle: SoftPatch | str | Path,
     out: str | Path,
     *,
     format: str = DEFAULT_EXPORT_FORMAT,

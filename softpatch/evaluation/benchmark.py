@@ -31,6 +31,8 @@ BENCHMARK_METHODS: dict[str, dict[str, object]] = {
 
 @dataclass(frozen=True)
 class MethodResult:
+    """One method under one protocol: AUROCs and AUPRO (higher = better, in [0, 1]) and its seconds."""
+
     method: str
     protocol: str  # "overlap": the injected images stay in the test set; "no-overlap": they leave it
     image_auroc: float
@@ -42,13 +44,17 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class BenchmarkReport:
+    """The benchmark's set-up (data, noise, split sizes, backbone, device) and one result per method and protocol."""
+
     config: dict[str, object]
     results: list[MethodResult]
 
     def to_dict(self) -> dict[str, object]:
+        """Plain JSON values (what ``softpatch bench --json`` prints)."""
         return {"config": self.config, "results": [asdict(r) for r in self.results]}
 
     def table(self) -> str:
+        """The results as a fixed-width text table, one row per method and protocol."""
         header = (
             f"{'method':<20} {'protocol':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} "
             f"{'fit s':>7} {'score s':>8}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
@@ -35,7 +36,7 @@ __all__ = [
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+def _labels_scores(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Check and convert image-level labels (n,) in {0, 1} and scores (n,) finite floats."""
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -50,7 +51,7 @@ def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(bool), s
 
 
-def _masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def _masks_maps(masks: npt.ArrayLike, maps: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Check and convert masks (n, h, w) bool and maps (n, h, w) float; a single (h, w) pair is allowed."""
     m = np.asarray(masks)
     a = np.asarray(maps)
@@ -82,23 +83,23 @@ def _both_classes(y: np.ndarray, what: str) -> None:
         raise MetricError(f"{what} is undefined when only one class is present (all {y.size} are {only})")
 
 
-def image_auroc(labels, scores) -> float:
+def image_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """Area under the ROC curve of image scores.
 
     labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous.
     1.0 = every anomalous image scores above every good one, 0.5 = chance, 0.0 = inverted.
-    Raises ValueError when only one class is present.
+    Raises MetricError when only one class is present.
     """
     y, s = _labels_scores(labels, scores)
     _both_classes(y, "image AUROC")
     return float(roc_auc_score(y, s))
 
 
-def pixel_auroc(masks, maps) -> float:
+def pixel_auroc(masks: npt.ArrayLike, maps: npt.ArrayLike) -> float:
     """Area under the ROC curve over all pixels of all images.
 
     masks: (n, h, w) bool, True on defect pixels. maps: (n, h, w) float anomaly maps, higher = more anomalous.
-    Raises ValueError when the masks are all False or all True.
+    Raises MetricError when the masks are all False or all True.
     """
     m, a = _masks_maps(masks, maps)
     y = m.reshape(-1)
@@ -106,7 +107,7 @@ def pixel_auroc(masks, maps) -> float:
     return float(roc_auc_score(y, a.reshape(-1)))
 
 
-def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: npt.ArrayLike, maps: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """The per-region-overlap curve of MVTec AD: (fprs, pros), both increasing, from (0, 0) to (1, 1).
 
     Each point is one distinct threshold t (pixels with ``map >= t`` are predicted defective), swept from
@@ -156,13 +157,13 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return area
 
 
-def aupro(masks, maps, *, fpr_limit: float = 0.3) -> float:
+def aupro(masks: npt.ArrayLike, maps: npt.ArrayLike, *, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD's AUPRO, default limit 0.3).
 
     masks: (n, h, w) bool ground truth, True on defect pixels. maps: (n, h, w) float, higher = more anomalous.
     The trapezoid area over FPR in [0, fpr_limit] (PRO interpolated at exactly ``fpr_limit``) is divided by
     ``fpr_limit``, so a perfect detector scores 1.0 and one that never overlaps a defect before the limit 0.0.
-    Raises ValueError when no mask has a defect or no pixel is defect-free.
+    Raises MetricError when no mask has a defect or no pixel is defect-free.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise MetricError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -193,7 +194,7 @@ class ThresholdChoice:
         return (self.high - self.low) / 2
 
 
-def f1_threshold(labels, scores) -> ThresholdChoice:
+def f1_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike) -> ThresholdChoice:
     """The threshold on image scores that maximises F1 (anomalous = positive class).
 
     labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous. ``score >= threshold`` is
@@ -201,7 +202,7 @@ def f1_threshold(labels, scores) -> ThresholdChoice:
     neighbouring scores) is taken and the threshold put in its middle, not on the weakest defect's score:
     new images scoring a little differently then keep their decisions. Among equally wide ranges the
     highest is taken (fewest false alarms). When the best F1 needs every image flagged, the threshold is
-    the lowest score. Raises ValueError when there is no anomalous label.
+    the lowest score. Raises MetricError when there is no anomalous label.
     """
     y, s = _labels_scores(labels, scores)
     n_pos = int(y.sum())
@@ -285,14 +286,17 @@ class Confusion:
 
     @property
     def precision(self) -> float:
+        """Flagged images that are anomalous, as a fraction of flagged images."""
         return _ratio(self.tp, self.tp + self.fp)
 
     @property
     def recall(self) -> float:
+        """Anomalous images flagged, as a fraction of anomalous images (1 - fnr)."""
         return _ratio(self.tp, self.tp + self.fn)
 
     @property
     def f1(self) -> float:
+        """Harmonic mean of precision and recall."""
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     def fpr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
@@ -333,12 +337,14 @@ class OperatingPoint:
         }
 
 
-def operating_point(labels, scores, threshold: float, *, chosen_here: bool, confidence: float = 0.95) -> OperatingPoint:
+def operating_point(
+    labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float, *, chosen_here: bool, confidence: float = 0.95
+) -> OperatingPoint:
     """Confusion at ``threshold`` with exact intervals; ``chosen_here`` marks the figures in-sample."""
     return OperatingPoint(float(threshold), confusion_at(labels, scores, threshold), float(confidence), chosen_here)
 
 
-def confusion_at(labels, scores, threshold: float) -> Confusion:
+def confusion_at(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float) -> Confusion:
     """Confusion counts when ``score >= threshold`` is predicted anomalous.
 
     labels: (n,) 0 good / 1 anomalous. scores: (n,), higher = more anomalous.
@@ -355,7 +361,7 @@ def confusion_at(labels, scores, threshold: float) -> Confusion:
     )
 
 
-def percentile_threshold(good_scores, percentile: float) -> float:
+def percentile_threshold(good_scores: npt.ArrayLike, percentile: float) -> float:
     """The ``percentile`` (0-100) of scores of good images: e.g. 99 flags about 1% of good images.
 
     good_scores: (n,) scores of defect-free images, higher = more anomalous. Linear interpolation.

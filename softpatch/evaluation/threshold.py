@@ -19,11 +19,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from softpatch.errors import ThresholdError
 from softpatch.runtime.progress import ProgressCallback, report
+
+if TYPE_CHECKING:
+    from softpatch.method.model import SoftPatch
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
@@ -71,6 +75,7 @@ class GoodImageThreshold:
         )
 
     def to_dict(self) -> dict[str, object]:
+        """Plain JSON values, for a bundle's or a report's record of how the threshold was set."""
         return {
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
@@ -134,7 +139,7 @@ def _fold_of(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def out_of_sample_scores(
-    model: object,
+    model: SoftPatch,
     *,
     folds: int = DEFAULT_FOLDS,
     only: np.ndarray | None = None,
@@ -178,7 +183,7 @@ def out_of_sample_scores(
 
 
 def threshold_from_good_images(
-    model: object,
+    model: SoftPatch,
     *,
     target_fpr: float = DEFAULT_TARGET_FPR,
     folds: int = DEFAULT_FOLDS,

@@ -90,10 +90,12 @@ class ImageFolder:
 
     @property
     def paths(self) -> list[Path]:
+        """The image files, in record order."""
         return [r.path for r in self.records]
 
     @property
     def names(self) -> list[str]:
+        """Each record's ``name``, in record order."""
         return [r.name for r in self.records]
 
     @property

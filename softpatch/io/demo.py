@@ -51,6 +51,9 @@ class Contaminant:
 
 @dataclass(frozen=True)
 class DemoManifest:
+    """What a generated demo folder holds: where, from which seed and generator version, and which
+    training images are the planted contaminants."""
+
     root: Path
     seed: int
     version: int

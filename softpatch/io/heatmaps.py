@@ -5,11 +5,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from softpatch.io.images import ImageTransform, load_image
+from softpatch.io.images import ImageSource, ImageTransform, load_image
+
+if TYPE_CHECKING:
+    from softpatch.io.datasets import ImageRecord
+    from softpatch.method.model import ScoreResult
 
 # A perceptual blue-yellow-red ramp; (position, RGB) stops.
 _STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -35,8 +40,15 @@ def _safe_stem(name: str, index: int) -> str:
     return f"{index:04d}_{stem}"
 
 
-def save_heatmaps(result: object, transform: ImageTransform, sources: Sequence[object], folder: Path) -> list[Path]:
-    """Write one overlay PNG per scored image into ``folder``; one colour scale for the whole set."""
+def save_heatmaps(
+    result: ScoreResult, transform: ImageTransform, sources: Sequence[ImageSource | ImageRecord], folder: Path
+) -> list[Path]:
+    """Write one overlay PNG per scored image into ``folder``; returns the files written, in ``sources`` order.
+
+    ``result`` must hold ``(n, crop, crop)`` anomaly maps of the ``n`` ``sources`` (higher = more anomalous);
+    each map is taken back to its image's own size (``transform.map_to_original``), and one colour scale spans
+    the whole set, so colours compare across images.
+    """
     if result.anomaly_maps is None:
         raise ValueError("the result has no anomaly maps (score with with_maps=True)")
     folder.mkdir(parents=True, exist_ok=True)

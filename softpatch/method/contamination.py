@@ -82,6 +82,7 @@ class WeakSpot:
     min_images: int = 0  # weak only from this many training images on
 
     def applies(self, discriminator: str, lof_k: int, share: float, n_images: int) -> bool:
+        """Whether this weak spot concerns a fit with these settings, suspected defect ``share`` and size."""
         small_k = self.max_lof_k is None or lof_k <= self.max_lof_k
         return (
             discriminator == self.discriminator and small_k and share >= self.from_share and n_images >= self.min_images

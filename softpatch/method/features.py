@@ -217,6 +217,7 @@ def create_backbone(config: SoftPatchConfig) -> nn.Module:
 
 
 def backbone_info(model: nn.Module, config: SoftPatchConfig) -> BackboneInfo:
+    """Channels and strides of each stage of a timm ``features_only`` ``model`` built from ``config``."""
     info = model.feature_info
     return BackboneInfo(
         name=config.backbone,
@@ -310,10 +311,12 @@ class FeatureExtractor(nn.Module):
         return self.backbone if self.inference_backbone is None else self.inference_backbone
 
     def grid_shape(self, crop: int) -> tuple[int, int]:
+        """``(rows, cols)`` of the patch grid for a ``crop x crop`` input (the first stage's stride)."""
         return patch_grid(crop, self.stride)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, 3, crop, crop)`` -> patch features ``(B, H*W, feature_dim)`` float32."""
         device_type = images.device.type
         images = images.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
