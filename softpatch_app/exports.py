@@ -58,3 +58,8 @@ def cleaned_zip(records: Sequence[ImageRecord], labels: dict[str, str], dest: Pa
             zf.write(r.path, arcname=arc)
     tmp.replace(dest)
     return dest, len(kept)
+
+
+def download_name(dataset_name: str, suffix: str) -> str:
+    """A downloaded file's name: the dataset's name without spaces (or 'softpatch'), a dash and ``suffix``."""
+    return f"{dataset_name or 'softpatch'}-{suffix}".replace(" ", "_")
