@@ -47,7 +47,7 @@ def _current_image_section(session: SessionData, vet: services.Vetting, queue: l
     pos = review.clamp_position(session, len(queue))
     i = queue[pos]
     labels = session.labels
-    done = sum(vet.names[j] in labels for j in queue)
+    done = review.reviewed_count(vet, queue, labels)
     st.progress(done / len(queue), text=f"{done} of {len(queue)} reviewed")
     with st.container(border=True):
         st.markdown(
@@ -130,7 +130,7 @@ def _clean_section(session: SessionData) -> None:
     st.subheader("Clean the training set")
     defective = review.defective_names(session.labels)
     records = list(session.train.records)
-    n_kept = sum(r.name not in defective for r in records)
+    n_kept = review.kept_count(session)
     st.markdown(f"**{len(defective)}** images marked defective; the cleaned training set has **{n_kept}** images.")
     c1, c2, c3 = st.columns(3)
     with c1:
@@ -165,8 +165,10 @@ def _clean_section(session: SessionData) -> None:
             icon=":material/folder_zip:",
             help="Packs every training image not marked defective into one .zip, keeping the folder names.",
         ):
-            with user_errors("pack the cleaned folder"), st.spinner("Packing images…"):
-                review.prepare_cleaned_zip(session)
+            with user_errors("pack the cleaned folder"):
+                bars = StageProgress(st.container())
+                review.prepare_cleaned_zip(session, progress=bars)
+                bars.finish()
         if session.cleaned_zip:
             path, count = session.cleaned_zip
             offer_file(

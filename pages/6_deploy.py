@@ -58,7 +58,9 @@ def _evidence(session: SessionData, detection) -> tuple[np.ndarray | None, np.nd
     if detection is None:
         return scores, labels
     with user_errors("check the test images for leakage"):
-        scores, labels = services.evidence_on_test(session, detection, "softpatch")
+        bars = StageProgress(st.container())
+        scores, labels = services.evidence_on_test(session, detection, "softpatch", progress=bars)
+        bars.finish()
         n_leaked = len(detection.names) - len(scores)
         if n_leaked:
             st.caption(
@@ -156,7 +158,7 @@ def _costs_section(session: SessionData, chosen, scores, labels) -> None:
     threshold = session.threshold
     if threshold is None or scores is None:
         return
-    if labels is None or not 0 < int(labels.sum()) < len(labels):
+    if not services.has_both_classes(labels):
         st.metric("Images flagged", f"{int((scores >= threshold).sum())} of {len(scores)}")
         return
     point = metrics.operating_point(labels, scores, threshold, chosen_here=bool(chosen and chosen.chosen_on_test))

@@ -24,7 +24,7 @@ RULE_ORDER = ("good", "f1", "percentile", "manual")
 def available_rules(scores: np.ndarray | None, labels: np.ndarray | None) -> list[str]:
     """The threshold rules (keys of ``services.THRESHOLD_METHODS``) that the test evidence allows: best F1
     needs good and defective labels, a percentile needs scores."""
-    has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    has_both = services.has_both_classes(labels)
     return [
         kind
         for kind in RULE_ORDER

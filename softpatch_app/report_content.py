@@ -94,7 +94,7 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                 caption += f" · PatchCore {base.image_scores[k]:.2f} (right)"
             content.heatmaps.append(ReportImage(caption, images))
         labels = detection.labels
-        if labels is not None and 0 < int(labels.sum()) < len(labels):
+        if services.has_both_classes(labels):
             leaked = services.leaked_mask(session, detection)
             table = services.evaluate(detection, model.transform_, exclude=leaked)
             if leaked.any():

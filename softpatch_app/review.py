@@ -59,6 +59,17 @@ def mark(session: SessionData, name: str, label: str, queue_length: int) -> None
         session.review_pos += 1
 
 
+def reviewed_count(vet: services.Vetting, queue: list[int], labels: dict[str, str]) -> int:
+    """How many images of the queue have a label."""
+    return sum(vet.names[j] in labels for j in queue)
+
+
+def kept_count(session: SessionData) -> int:
+    """How many training images the cleaned set keeps (those not marked defective)."""
+    defective = defective_names(session.labels)
+    return sum(r.name not in defective for r in session.train.records)
+
+
 def label_counts(labels: dict[str, str]) -> dict[str, int]:
     return {lab: sum(v == lab for v in labels.values()) for lab in LABELS}
 
@@ -75,9 +86,9 @@ def drop_defective_and_refit(session: SessionData, progress=None) -> str:
     return f"Dropped {len(defective)} images and fitted again on {len(session.train)}."
 
 
-def prepare_cleaned_zip(session: SessionData) -> tuple[str, int]:
+def prepare_cleaned_zip(session: SessionData, progress=None) -> tuple[str, int]:
     """Pack every training image not marked defective into a .zip in the session's exports; (path, count)."""
     dest = session.workspace.subdir("exports") / f"cleaned-{int(time.time())}.zip"
-    path, count = exports.cleaned_zip(list(session.train.records), session.labels, dest)
+    path, count = exports.cleaned_zip(list(session.train.records), session.labels, dest, progress)
     session.cleaned_zip = (str(Path(path)), count)
     return session.cleaned_zip

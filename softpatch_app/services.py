@@ -30,6 +30,11 @@ RESCORING = ("discriminator", "lof_k")
 PATCHCORE = {"discriminator": "none", "soft_weight": False}
 
 
+def has_both_classes(labels: np.ndarray | None) -> bool:
+    """Whether ``labels`` (n,) 0/1 hold good and defective images both (what AUROC, F1 and confusion need)."""
+    return labels is not None and 0 < int(np.sum(labels)) < len(labels)
+
+
 def fit(session: SessionData, settings: AppSettings, progress=None, *, split: LoadedSplit | None = None) -> SoftPatch:
     """Fit SoftPatch on the session's training set (or on ``split``, which then becomes the training set).
 
@@ -246,7 +251,7 @@ class Detection:
 
     @property
     def has_both_classes(self) -> bool:
-        return self.labels is not None and 0 < int(self.labels.sum()) < len(self.labels)
+        return has_both_classes(self.labels)
 
 
 def detection_key(session: SessionData, records, compare: bool) -> tuple:
@@ -355,13 +360,13 @@ def duplicates(session: SessionData, progress=None):
     test = [str(r.path) for r in session.test.records] if session.test is not None else []
     model = session.model if session.model_is_current else None
     train_features = test_features = grid = None
-    if model is not None and model._state is not None and model._state.features is not None:
-        if [str(r.path) for r in session.model_records] == train:
-            train_features, grid = model.train_features_, model.grid_shape_
-            if test:
-                key = (feature_token(model.config), tuple(file_token(p) for p in test))
-                emb = session.embed_memo.get(key)
-                test_features = emb.features if emb is not None else None
+    features = _training_features(model) if model is not None else None
+    if features is not None and [str(r.path) for r in session.model_records] == train:
+        train_features, grid = features, model.grid_shape_
+        if test:
+            key = (feature_token(model.config), tuple(file_token(p) for p in test))
+            emb = session.embed_memo.get(key)
+            test_features = emb.features if emb is not None else None
     key = (
         tuple(file_token(p) for p in train),
         tuple(file_token(p) for p in test),
@@ -380,6 +385,16 @@ def duplicates(session: SessionData, progress=None):
             progress=progress,
         )
     return memo[key]
+
+
+def _training_features(model: SoftPatch):
+    """The fitted model's training features (N, P, D), or None when it has none (loaded from a bundle)."""
+    from softpatch.errors import SoftPatchError
+
+    try:
+        return model.train_features_
+    except SoftPatchError:
+        return None
 
 
 def leaked_mask(session: SessionData, detection: Detection, progress=None) -> np.ndarray:
@@ -540,7 +555,7 @@ def threshold_by_rule(
     """Apply ``rule`` to ``model`` with its own test ``scores`` (n,) and ``labels`` (n,) where the rule needs them."""
     from softpatch.evaluation import metrics
 
-    has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    has_both = has_both_classes(labels)
     if rule.kind == "f1" and has_both:
         choice = metrics.f1_threshold(labels, scores)
         return ChosenThreshold(
@@ -615,12 +630,14 @@ def baseline_threshold(session: SessionData, detection, progress=None) -> Chosen
     return threshold_by_rule(session, baseline(session), rule, scores, labels, progress)
 
 
-def evidence_on_test(session: SessionData, detection, model: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def evidence_on_test(
+    session: SessionData, detection, model: str, progress=None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(scores, labels) of one model on the scored test images, leaked copies of training images left out."""
     result = getattr(detection, model, None) if detection is not None else None
     if result is None:
         return None, None
-    keep = ~leaked_mask(session, detection)
+    keep = ~leaked_mask(session, detection, progress)
     labels = detection.labels[keep] if detection.labels is not None else None
     return result.image_scores[keep], labels
 

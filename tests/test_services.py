@@ -308,3 +308,15 @@ def test_the_denoise_widgets_show_the_settings_they_came_from(session: SessionDa
     raw = {name: by_key[key] for name, key in DENOISE_SETTING_KEYS.items()}
     again, problems = settings_from_widgets(AppSettings(), raw, server_file=None)
     assert problems == [] and again == settings
+
+
+def test_packing_the_cleaned_folder_reports_progress(session: SessionData) -> None:
+    calls: list[tuple[float, str]] = []
+    first = session.train.records[0].name
+    session.labels[first] = "defective"
+    path, count = review.prepare_cleaned_zip(session, progress=lambda f, m: calls.append((f, m)))
+    n = len(session.train) - 1
+    assert count == n and session.cleaned_zip == (str(path), n)
+    assert len(calls) == n and calls[-1] == (1.0, f"export: {n}/{n} images")
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls)
+    assert review.kept_count(session) == n
