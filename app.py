@@ -14,25 +14,33 @@ from softpatch_app.project import save_project
 from softpatch_app.state import get_session
 from softpatch_app.ui import PAGES, sidebar
 
-st.set_page_config(page_title="SoftPatch – vet your training images", page_icon=":material/healing:", layout="wide")
-logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-logging.getLogger("softpatch_app").setLevel(logging.INFO)
+PAGE_TITLE = "SoftPatch – vet your training images"
 
-pages = [
-    st.Page(PAGES["data"], title="Data", icon=":material/folder_open:", default=True),
-    st.Page(PAGES["denoise"], title="Denoise", icon=":material/tune:"),
-    st.Page(PAGES["review"], title="Review", icon=":material/fact_check:"),
-    st.Page(PAGES["coreset"], title="Coreset", icon=":material/scatter_plot:"),
-    st.Page(PAGES["detect"], title="Detect", icon=":material/troubleshoot:"),
-    st.Page(PAGES["deploy"], title="Deploy", icon=":material/rocket_launch:"),
-]
-page = st.navigation(pages)
 
-session = None
-with user_errors("start this session"):
-    session = get_session()
+def _navigation():
+    """The pages, in the order of the workflow; returns the one to run."""
+    return st.navigation(
+        [
+            st.Page(PAGES["data"], title="Data", icon=":material/folder_open:", default=True),
+            st.Page(PAGES["denoise"], title="Denoise", icon=":material/tune:"),
+            st.Page(PAGES["review"], title="Review", icon=":material/fact_check:"),
+            st.Page(PAGES["coreset"], title="Coreset", icon=":material/scatter_plot:"),
+            st.Page(PAGES["detect"], title="Detect", icon=":material/troubleshoot:"),
+            st.Page(PAGES["deploy"], title="Deploy", icon=":material/rocket_launch:"),
+        ]
+    )
 
-if session is not None:
+
+def main() -> None:
+    st.set_page_config(page_title=PAGE_TITLE, page_icon=":material/healing:", layout="wide")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("softpatch_app").setLevel(logging.INFO)
+    page = _navigation()
+    session = None
+    with user_errors("start this session"):
+        session = get_session()
+    if session is None:
+        return
     sidebar_slot = st.sidebar.container()
     try:
         with user_errors():
@@ -45,3 +53,6 @@ if session is not None:
     # Drawn after the page, so it shows what the page just did (a fit, a new folder).
     with sidebar_slot, user_errors("draw the sidebar"):
         sidebar(session)
+
+
+main()

@@ -9,7 +9,23 @@ import numpy as np
 import streamlit as st
 
 METHODS = ("t-SNE", "UMAP")
+# How many patches a map may show (the Coreset page's choices); a t-SNE of more takes too long for a page.
+POINT_CHOICES = (500, 1000, 2000, 3000)
 MAX_POINTS = 2000
+POINT_CAP = max(POINT_CHOICES)
+MIN_POINTS = 10
+
+
+def map_sample_size(requested: object) -> int:
+    """How many patches a map samples: ``requested`` (from the browser: any value) kept within
+    ``MIN_POINTS`` and ``POINT_CAP``; ``MAX_POINTS`` when it is no number."""
+    try:
+        number = float(requested) if not isinstance(requested, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        return MAX_POINTS
+    return int(min(max(MIN_POINTS, int(number)), POINT_CAP))
 
 
 def subsample(

@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from softpatch.io.csvsafe import write_csv
 from softpatch.io.datasets import ImageRecord
+from softpatch.runtime.progress import report
 
 
 def _csv(rows: Sequence[dict], fields: Sequence[str]) -> str:
@@ -38,10 +39,11 @@ def _arcname(name: str) -> str:
     return "/".join(parts) or "image"
 
 
-def cleaned_zip(records: Sequence[ImageRecord], labels: dict[str, str], dest: Path) -> tuple[Path, int]:
+def cleaned_zip(records: Sequence[ImageRecord], labels: dict[str, str], dest: Path, progress=None) -> tuple[Path, int]:
     """Write the kept training images (not marked defective) into ``dest`` (.zip); returns (path, count).
 
     Images keep their relative names (e.g. train/good/001.png); they are stored, not recompressed.
+    ``progress(fraction, "export: i/n images")`` is called as the images are packed.
     """
     kept = [r for r in records if labels.get(r.name) != "defective"]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -56,5 +58,11 @@ def cleaned_zip(records: Sequence[ImageRecord], labels: dict[str, str], dest: Pa
                 arc = f"{Path(stem).with_suffix('')}-{n}{Path(stem).suffix}"
             used.add(arc)
             zf.write(r.path, arcname=arc)
+            report(progress, len(used) / len(kept), f"export: {len(used)}/{len(kept)} images")
     tmp.replace(dest)
     return dest, len(kept)
+
+
+def download_name(dataset_name: str, suffix: str) -> str:
+    """A downloaded file's name: the dataset's name without spaces (or 'softpatch'), a dash and ``suffix``."""
+    return f"{dataset_name or 'softpatch'}-{suffix}".replace(" ", "_")

@@ -151,21 +151,28 @@ def coreset_scatter(
 
     fig = go.Figure()
     marker = {"size": 6, "opacity": 0.8, "line": {"width": 0}}
-    if colour_by == "weight":
+    everything = np.ones(len(xy), bool)
+
+    def one_trace(**style) -> None:  # every point in one trace, coloured point by point
         fig.add_scattergl(
             x=xy[:, 0],
             y=xy[:, 1],
             mode="markers",
             name="patches",
-            customdata=custom(np.ones(len(xy), bool)),
+            customdata=custom(everything),
             hovertemplate=hover,
+            **style,
+        )
+
+    if colour_by == "weight":
+        one_trace(
             marker=dict(
                 marker,
                 color=np.asarray(weights),
                 colorscale="Viridis",
                 showscale=True,
                 colorbar={"title": "soft<br>weight"},
-            ),
+            )
         )
     elif colour_by == "image" and len(set(sources.tolist())) <= 24:
         for name in sorted(set(sources.tolist())):
@@ -181,16 +188,7 @@ def coreset_scatter(
             )
     elif colour_by == "image":  # many images: one trace, one colour per image; the hover names the image
         codes = {n: i for i, n in enumerate(sorted(set(sources.tolist())))}
-        fig.add_scattergl(
-            x=xy[:, 0],
-            y=xy[:, 1],
-            mode="markers",
-            name="patches",
-            customdata=custom(np.ones(len(xy), bool)),
-            hovertemplate=hover,
-            marker={**marker, "color": [codes[n] for n in sources], "colorscale": "Turbo"},
-            showlegend=False,
-        )
+        one_trace(marker={**marker, "color": [codes[n] for n in sources], "colorscale": "Turbo"}, showlegend=False)
     else:
         for label, m, colour in (
             ("kept (memory bank)", ~removed, SOFTPATCH_COLOUR),
@@ -212,3 +210,21 @@ def coreset_scatter(
     # does not report as a selection); box and lasso still select many.
     fig.update_layout(dragmode="select", clickmode="event+select")
     return _layout(fig, height=560)
+
+
+def selected_points(event: object, n_points: int) -> list[int]:
+    """The map points a Streamlit plotly selection ``event`` picked (the ``customdata`` index of each point,
+    in order, without repeats); anything malformed or out of range in the event (it comes from the browser)
+    is left out."""
+    chosen: list[int] = []
+    try:
+        points = event.selection.points if event is not None else []
+        for p in points:
+            custom = p.get("customdata") if hasattr(p, "get") else None
+            if custom:
+                k = int(custom[0])
+                if 0 <= k < n_points:
+                    chosen.append(k)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+        return []
+    return list(dict.fromkeys(chosen))

@@ -15,6 +15,7 @@ STAGE_TITLES = {
     "metrics": "Computing metrics",
     "threshold": "Setting the threshold from good images",
     "duplicates": "Looking for duplicates",
+    "export": "Packing the cleaned folder",
 }
 
 

@@ -31,6 +31,11 @@ RESCORING = ("discriminator", "lof_k")
 PATCHCORE = {"discriminator": "none", "soft_weight": False}
 
 
+def has_both_classes(labels: np.ndarray | None) -> bool:
+    """Whether ``labels`` (n,) 0/1 hold good and defective images both (what AUROC, F1 and confusion need)."""
+    return labels is not None and 0 < int(np.sum(labels)) < len(labels)
+
+
 def fit(session: SessionData, settings: AppSettings, progress=None, *, split: LoadedSplit | None = None) -> SoftPatch:
     """Fit SoftPatch on the session's training set (or on ``split``, which then becomes the training set).
 
@@ -91,6 +96,30 @@ class Vetting:
     outlier_scores: np.ndarray  # (N, H, W)
     removed_mask: np.ndarray  # (N, H, W)
 
+    @property
+    def n_affected(self) -> int:
+        """How many images lost at least one patch."""
+        return int(self.removed_mask.reshape(len(self.names), -1).any(axis=1).sum())
+
+    def rank_of(self, i: int) -> int:
+        """Image ``i``'s place in the ranking, 1 = most suspicious."""
+        return int(np.flatnonzero(self.ranking == i)[0]) + 1
+
+    def rows(self, labels: dict[str, str] | None = None) -> list[dict[str, object]]:
+        """One row per training image, most suspicious first: rank, name, path, scores and the review label."""
+        labels = labels or {}
+        return [
+            {
+                "rank": r + 1,
+                "image": self.names[j],
+                "path": self.paths[j],
+                "suspicion": round(float(self.suspicion[j]), 4),
+                "removed_share": round(float(self.removed_fraction[j]), 4),
+                "label": labels.get(self.names[j], ""),
+            }
+            for r, j in enumerate(int(x) for x in self.ranking)
+        ]
+
 
 def vetting(session: SessionData) -> Vetting:
     model = session.model
@@ -105,6 +134,14 @@ def vetting(session: SessionData) -> Vetting:
         outlier_scores=model.outlier_scores_,
         removed_mask=model.removed_mask_,
     )
+
+
+def demo_check(vet: Vetting, demo) -> tuple[int, int]:
+    """(how many of the demo's planted defective images the ranking puts in its top k, k = how many were planted)."""
+    planted = demo.contaminant_names
+    k = len(planted)
+    top = {vet.names[i].rsplit("/", 1)[-1] for i in vet.ranking[:k]}
+    return len(planted & top), k
 
 
 def removed_explanation(vet: Vetting, i: int, tau: float, tau_scope: str) -> str:
@@ -194,6 +231,29 @@ class Detection:
     # excluded image indices -> model name -> {metric: value or message}, filled lazily
     metrics: dict = field(default_factory=dict)
 
+    @property
+    def order(self) -> np.ndarray:
+        """(n,) image indices by SoftPatch score, most anomalous first (ties in input order)."""
+        return np.argsort(-np.asarray(self.softpatch.image_scores), kind="stable")
+
+    def describe(self, i: int) -> str:
+        """'name — score 1.23 · defective' for image ``i`` (the label only when known)."""
+        label = ""
+        if self.labels is not None:
+            label = " · defective" if self.labels[i] else " · good"
+        return f"{self.names[i]} — score {self.softpatch.image_scores[i]:.2f}{label}"
+
+    def map_range(self) -> tuple[float, float]:
+        """One colour scale for every anomaly map of both models (``softpatch_app.views.score_range``)."""
+        from softpatch_app.views import score_range
+
+        maps = [r.anomaly_maps for r in (self.softpatch, self.patchcore) if r is not None]
+        return score_range(np.concatenate([m.reshape(-1) for m in maps]))
+
+    @property
+    def has_both_classes(self) -> bool:
+        return has_both_classes(self.labels)
+
 
 def detection_key(session: SessionData, records, compare: bool) -> tuple:
     return (model_token(session), tuple(file_token(r.path) for r in records), compare)
@@ -202,6 +262,32 @@ def detection_key(session: SessionData, records, compare: bool) -> tuple:
 def cached_detection(session: SessionData, records, compare: bool = True) -> Detection | None:
     """The scores of ``records`` under the model's *current* settings, if already computed."""
     return session.results.get(detection_key(session, records, compare))
+
+
+def read_detect_upload(session: SessionData, env, files) -> LoadedSplit:
+    """Uploaded images to score on the Detect page, saved in the session's workspace; the same files (by
+    upload id, name and size) are read once."""
+    from softpatch.io.datasets import scan_images
+    from softpatch.io.paths import ReadScope
+    from softpatch_app import loading
+
+    token = tuple((f.file_id, f.name, f.size) for f in files)
+    cached = session.detect_upload
+    if cached and cached[0] == token:
+        return cached[1]
+    root, skipped = loading.save_browser_files(list(files), session.workspace, session.slot("detect"), env.limits)
+    folder = scan_images(root, limits=env.limits, scope=ReadScope.of([session.workspace.path]))
+    split = loading.with_upload_skips(LoadedSplit(folder, "upload", "uploaded images"), skipped)
+    session.detect_upload = (token, split)
+    return split
+
+
+def scored_test_set(session: SessionData) -> Detection | None:
+    """The test set's scores under the current model, with or without the PatchCore comparison, if computed."""
+    if session.test is None:
+        return None
+    records = list(session.test.records)
+    return cached_detection(session, records, True) or cached_detection(session, records, False)
 
 
 def score_test(session: SessionData, records, *, labelled: bool, progress=None, compare: bool = True) -> Detection:
@@ -275,13 +361,13 @@ def duplicates(session: SessionData, progress=None):
     test = [str(r.path) for r in session.test.records] if session.test is not None else []
     model = session.model if session.model_is_current else None
     train_features = test_features = grid = None
-    if model is not None and model._state is not None and model._state.features is not None:
-        if [str(r.path) for r in session.model_records] == train:
-            train_features, grid = model.train_features_, model.grid_shape_
-            if test:
-                key = (feature_token(model.config), tuple(file_token(p) for p in test))
-                emb = session.embed_memo.get(key)
-                test_features = emb.features if emb is not None else None
+    features = _training_features(model) if model is not None else None
+    if features is not None and [str(r.path) for r in session.model_records] == train:
+        train_features, grid = features, model.grid_shape_
+        if test:
+            key = (feature_token(model.config), tuple(file_token(p) for p in test))
+            emb = session.embed_memo.get(key)
+            test_features = emb.features if emb is not None else None
     key = (
         tuple(file_token(p) for p in train),
         tuple(file_token(p) for p in test),
@@ -300,6 +386,16 @@ def duplicates(session: SessionData, progress=None):
             progress=progress,
         )
     return memo[key]
+
+
+def _training_features(model: SoftPatch):
+    """The fitted model's training features (N, P, D), or None when it has none (loaded from a bundle)."""
+    from softpatch.errors import SoftPatchError
+
+    try:
+        return model.train_features_
+    except SoftPatchError:
+        return None
 
 
 def leaked_mask(session: SessionData, detection: Detection, progress=None) -> np.ndarray:
@@ -348,6 +444,24 @@ def evaluate(
     report_progress(progress, 1.0, "metrics: done")
     detection.metrics[memo_key] = out
     return out
+
+
+def format_metric(value: object) -> str:
+    """A metric for a table: 3 decimals, or 'n/a (why)' when it is undefined for this test set."""
+    return f"{value:.3f}" if isinstance(value, float) else f"n/a ({value})"
+
+
+def roc_curves(
+    detection: Detection, table: dict[str, dict[str, object]], keep: np.ndarray | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """model name -> (fpr, tpr, image AUROC) over the images where ``keep`` (n,) is True, for the models whose
+    AUROC (``evaluate``'s ``table``) is defined."""
+    keep = np.ones(len(detection.names), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    return {
+        name: (*roc_points(detection.labels[keep], result.image_scores[keep]), table[name]["image AUROC"])
+        for name, result in (("SoftPatch", detection.softpatch), ("PatchCore", detection.patchcore))
+        if result is not None and isinstance(table.get(name, {}).get("image AUROC"), float)
+    }
 
 
 def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -441,7 +555,7 @@ def threshold_by_rule(
     """Apply ``rule`` to ``model`` with its own test ``scores`` (n,) and ``labels`` (n,) where the rule needs them."""
     from softpatch.evaluation import metrics
 
-    has_both = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    has_both = has_both_classes(labels)
     if rule.kind == "f1" and has_both:
         choice = metrics.f1_threshold(labels, scores)
         return ChosenThreshold(
@@ -471,7 +585,7 @@ def threshold_by_rule(
 def choose_threshold(session: SessionData, rule: ThresholdRule, detection=None, progress=None) -> ChosenThreshold:
     """Apply ``rule`` to the session's model and make it *the* threshold (``session.threshold``), which Detect,
     Deploy, the bundle and the report all use."""
-    scores, labels = _test_evidence(session, detection, "softpatch")
+    scores, labels = evidence_on_test(session, detection, "softpatch")
     chosen = threshold_by_rule(session, session.model, rule, scores, labels, progress)
     session.threshold = float(chosen.threshold)
     session.threshold_method = chosen.method
@@ -512,18 +626,32 @@ def baseline_threshold(session: SessionData, detection, progress=None) -> Chosen
     rule = session.threshold_rule if isinstance(session.threshold_rule, ThresholdRule) else ThresholdRule()
     if rule.kind == "manual":
         rule = ThresholdRule(target_fpr=rule.target_fpr, exclude_top=rule.exclude_top)
-    scores, labels = _test_evidence(session, detection, "patchcore")
+    scores, labels = evidence_on_test(session, detection, "patchcore")
     return threshold_by_rule(session, baseline(session), rule, scores, labels, progress)
 
 
-def _test_evidence(session: SessionData, detection, model: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def evidence_on_test(
+    session: SessionData, detection, model: str, progress=None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(scores, labels) of one model on the scored test images, leaked copies of training images left out."""
     result = getattr(detection, model, None) if detection is not None else None
     if result is None:
         return None, None
-    keep = ~leaked_mask(session, detection)
+    keep = ~leaked_mask(session, detection, progress)
     labels = detection.labels[keep] if detection.labels is not None else None
     return result.image_scores[keep], labels
+
+
+def patch_positions(provenance: np.ndarray, grid_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(image, position) indices into a per-patch array of shape (N, P, ...) (P = H*W, row-major, the core's
+    layout) for the patches ``provenance`` (n, 3) [image, row, col] names (the memory bank's provenance,
+    ``np.argwhere(removed_mask_)``).
+
+    The one place the app goes from a patch's grid place to its row in such an array (the inverse of
+    the core's provenance).
+    """
+    prov = np.asarray(provenance, dtype=np.int64).reshape(-1, 3)
+    return prov[:, 0], np.ravel_multi_index((prov[:, 1], prov[:, 2]), tuple(int(g) for g in grid_shape))
 
 
 @dataclass
@@ -538,25 +666,41 @@ class CoresetView:
     bank_size: int
     removed_count: int
 
+    @property
+    def sample_size(self) -> int:
+        """How many patches the map shows."""
+        return len(self.points)
 
-def coreset_view(session: SessionData, max_points: int, progress=None) -> CoresetView:
+    @property
+    def population(self) -> int:
+        """How many patches the map samples from: the memory bank and the removed patches."""
+        return self.bank_size + self.removed_count
+
+    def patch(self, k: int) -> tuple[int, int, int]:
+        """(training image, row, col) of the map's point ``k``."""
+        image, row, col = (int(v) for v in self.provenance[int(k)])
+        return image, row, col
+
+
+def coreset_view(session: SessionData, max_points: object, progress=None) -> CoresetView:
+    """A sample of at most ``map_sample_size(max_points)`` patches of the memory bank and the removed ones."""
     from softpatch.method.denoise import soft_weights
-    from softpatch_app.embedding import subsample
+    from softpatch_app.embedding import map_sample_size, subsample
 
     model = session.model
     bank = model.build_memory_bank(progress)
-    removed_idx = np.argwhere(model.removed_mask_)  # (R, 3): image, row, col
-    h, w = model.grid_shape_
-    sel_bank, sel_removed = subsample(len(bank), len(removed_idx), max_points=int(max_points))
-    features = model.train_features_
-    flat = features.reshape(-1, features.shape[-1])
-    removed_flat = removed_idx[:, 0] * (h * w) + removed_idx[:, 1] * w + removed_idx[:, 2]
-    points = np.concatenate([bank.features[sel_bank].numpy(), flat[removed_flat[sel_removed]].numpy()], axis=0)
-    prov = np.concatenate([np.asarray(bank.provenance)[sel_bank], removed_idx[sel_removed]], axis=0)
+    removed_prov = np.argwhere(model.removed_mask_)  # (R, 3): image, row, col
+    grid = tuple(model.grid_shape_)
+    sel_bank, sel_removed = subsample(len(bank), len(removed_prov), max_points=map_sample_size(max_points))
+    removed_prov = removed_prov[sel_removed]
+    image, position = patch_positions(removed_prov, grid)
+    removed_points = model.train_features_.numpy()[image, position]
+    points = np.concatenate([bank.features[sel_bank].numpy(), removed_points], axis=0)
+    prov = np.concatenate([np.asarray(bank.provenance)[sel_bank], removed_prov], axis=0)
     is_removed = np.concatenate([np.zeros(len(sel_bank), bool), np.ones(len(sel_removed), bool)])
     # Removed patches are not in the bank; their weight is what eq. 8 would have given them.
-    all_weights = soft_weights(model.outlier_scores_.reshape(len(model.train_names_), -1)).reshape(-1)
-    weights = np.concatenate([bank.weights[sel_bank].numpy(), all_weights[removed_flat[sel_removed]]])
+    all_weights = soft_weights(model.outlier_scores_.reshape(len(model.train_names_), -1))
+    weights = np.concatenate([bank.weights[sel_bank].numpy(), all_weights[image, position]])
     names = [r.name for r in session.model_records]
     return CoresetView(
         points=points.astype(np.float32),
@@ -565,7 +709,7 @@ def coreset_view(session: SessionData, max_points: int, progress=None) -> Corese
         weights=weights.astype(np.float32),
         sources=[names[int(k)] for k in prov[:, 0]],
         bank_size=len(bank),
-        removed_count=len(removed_idx),
+        removed_count=int(model.removed_mask_.sum()),
     )
 
 

@@ -231,3 +231,23 @@ def get_session() -> SessionData:
     if st.query_params.get(QUERY_PARAM) != data.project_id:
         st.query_params[QUERY_PARAM] = data.project_id
     return data
+
+
+# ----------------------------------------------------------------------------------------------- widget values
+# Widget values are Streamlit's, kept under the keys of ``softpatch_app.keys``; these three functions are the
+# only way the pages read or write them.
+def widget_value(key: str, default: Any = None) -> Any:
+    """The current value of the widget ``key`` (``default`` before it was drawn)."""
+    return st.session_state.get(key, default)
+
+
+def set_widget_value(key: str, value: Any) -> None:
+    """Set the widget ``key`` (e.g. from a button's callback, before the widget is drawn again)."""
+    st.session_state[key] = value
+
+
+def restore_widget_value(key: str, value: Any) -> None:
+    """Give the widget ``key`` the value remembered in the session when it has none: Streamlit drops a widget's
+    value when the user visits another page, the session's settings keep it."""
+    if key not in st.session_state:
+        st.session_state[key] = value

@@ -1,4 +1,4 @@
-"""Small shared widgets: the sidebar, notices, 'what to do next' hints and image grids."""
+"""Small shared widgets: the sidebar, notices, 'what to do next' hints, page controls and downloads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import streamlit as st
 
 from softpatch.runtime.device import describe_device, resolve_device
 from softpatch_app.guard import message_for, user_errors
-from softpatch_app.state import SessionData
+from softpatch_app.paging import PAGE_SIZES, PageSpan, page_size_of, page_span
+from softpatch_app.state import SessionData, set_widget_value, widget_value
 
 PAGES = {
     "data": "pages/1_data.py",
@@ -135,3 +136,58 @@ def offer_file(path: str, label: str, *, file_name: str, mime: str, key: str | N
         )
         return len(data)
     return 0
+
+
+def page_size_picker(key: str, label: str, *, default: int, help: str) -> int:
+    """How many items one page of a list shows (one of ``PAGE_SIZES``)."""
+    options = list(PAGE_SIZES)
+    current = page_size_of(widget_value(key, default), default=default)
+    if current not in options:  # a value from the browser that is not offered: the nearest offered one below
+        current = max([o for o in options if o <= current] or [options[0]])
+    set_widget_value(key, current)
+    return int(st.select_slider(label, options=options, key=key, help=help))
+
+
+def page_controls(key: str, n_items: int, page_size: int, *, noun: str) -> PageSpan:
+    """The page of a long list to show: a page number (only when there is more than one page) and a caption.
+
+    The remembered page is clamped first (the list may have shrunk, the value may come from anywhere), so the
+    number input never holds a page that does not exist.
+    """
+    span = page_span(n_items, page_size, widget_value(key, 1))
+    if widget_value(key) != span.page:
+        set_widget_value(key, span.page)
+    if span.pages > 1:
+        st.number_input(
+            f"Page (of {span.pages:,})",
+            min_value=1,
+            max_value=span.pages,
+            step=1,
+            key=key,
+            help=f"{span.page_size} {noun} per page.",
+        )
+    st.caption(f"Showing {span.describe(noun)}.")
+    return span
+
+
+def page_header(session: SessionData, title: str, intro: str) -> None:
+    """A page's title, the notices queued for it and its introduction (markdown)."""
+    st.title(title)
+    show_notices(session)
+    st.markdown(intro)
+
+
+def score_button(session: SessionData, records: list, *, labelled: bool, compare: bool, label: str, help: str):
+    """A button that scores ``records`` (progress bars while it runs); the ``services.Detection`` when it was
+    pressed and scoring worked, else None."""
+    from softpatch_app import services
+    from softpatch_app.progress import StageProgress
+
+    if not st.button(label, type="primary", icon=":material/play_arrow:", help=help):
+        return None
+    bars = StageProgress(st.container())
+    with user_errors("score the images"):
+        detection = services.score_test(session, records, labelled=labelled, progress=bars, compare=compare)
+        bars.finish()
+        return detection
+    return None

@@ -6,7 +6,15 @@ import numpy as np
 from PIL import Image
 
 from softpatch_app.cache import load_rgb
-from softpatch_app.imaging import Geometry, draw_outline, overlay_heatmap, overlay_mask, thumbnail
+from softpatch_app.imaging import (
+    Geometry,
+    draw_outline,
+    overlay_heatmap,
+    overlay_mask,
+    patch_crop,
+    thumbnail,
+    with_box,
+)
 
 
 def geometry(model) -> Geometry:
@@ -85,3 +93,36 @@ def outlier_with_removed(
     heat = outlier_heatmap(path, scores_grid, geom, vrange)
     mask = geom.grid_mask_to_original(removed_grid, heat.size)
     return draw_outline(heat, mask) if mask.any() else heat
+
+
+def patch_pictures(path: str, geom: Geometry, row: int, col: int, *, out: int = 96) -> tuple[Image.Image, Image.Image]:
+    """The patch (row, col) of a training image cut out (with its 3x3 neighbourhood, ``out`` px), and the
+    image with the patch boxed."""
+    image = load_rgb(path)
+    box = geom.cell_box(row, col, image.size, pad=1)
+    return patch_crop(image, box, out=out), with_box(image, box)
+
+
+def scored_overlay(
+    detection,
+    result,
+    k: int,
+    transform,
+    *,
+    alpha: float,
+    vrange: tuple[float, float],
+    threshold: float | None,
+    px: int | None = None,
+) -> Image.Image:
+    """Scored image ``k`` of ``detection`` (``softpatch_app.services.Detection``) under one model's map
+    (``result``: its SoftPatch or PatchCore ``ScoreResult``), outlined by that model's ``threshold``."""
+    return detection_overlay(
+        detection.paths[k],
+        result.anomaly_maps[k],
+        transform,
+        alpha=alpha,
+        vrange=vrange,
+        threshold=threshold,
+        image_score=float(result.image_scores[k]),
+        px=px,
+    )

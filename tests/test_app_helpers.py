@@ -13,8 +13,8 @@ from softpatch.io.datasets import ImageRecord
 from softpatch.io.images import ImageTransform
 from softpatch_app import exports, imaging, plots
 from softpatch_app.embedding import subsample
+from softpatch_app.html_report import ReportContent, ReportImage, build_report
 from softpatch_app.progress import StageProgress
-from softpatch_app.report import ReportContent, ReportImage, build_report
 from softpatch_app.settings import read_environment
 
 

@@ -1,4 +1,5 @@
-"""Gathering a session's results into the stakeholder report (drawing only; every number is the core's)."""
+"""Gathering a session's results into the stakeholder report's content (``html_report.ReportContent``) and
+writing it out; drawing only, every number is the core's."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ import numpy as np
 
 from softpatch_app import plots, services
 from softpatch_app.embedding import layout_2d
-from softpatch_app.report import ReportContent, ReportImage, build_report
+from softpatch_app.html_report import ReportContent, ReportImage, build_report
 from softpatch_app.state import SessionData
-from softpatch_app.views import detection_overlay, geometry, outlier_heatmap, removed_overlay, score_range
-
-
-def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else "n/a"
+from softpatch_app.views import geometry, outlier_heatmap, removed_overlay, score_range, scored_overlay
 
 
 def build_session_report(session: SessionData, detection, *, device: str, progress=None) -> str:
@@ -42,11 +39,9 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
         "images marked defective in review": str(sum(v == "defective" for v in session.labels.values())),
     }
     if session.demo is not None:
-        k = len(session.demo.contaminants)
-        top = {vet.names[i].rsplit("/", 1)[-1] for i in vet.ranking[:k]}
+        found_planted, k = services.demo_check(vet, session.demo)
         content.notes.append(
-            f"Demo data: SoftPatch ranked {len(top & session.demo.contaminant_names)} of the {k} planted defective "
-            f"training images in its top {k}."
+            f"Demo data: SoftPatch ranked {found_planted} of the {k} planted defective training images in its top {k}."
         )
     found = services.duplicates(session, progress)
     if found is not None:
@@ -75,40 +70,31 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
         soft, base = detection.softpatch, detection.patchcore
         threshold, method = services.current_threshold(session, progress)
         base_threshold = services.baseline_threshold(session, detection, progress) if base is not None else None
-        maps = [soft.anomaly_maps] + ([base.anomaly_maps] if base is not None else [])
-        hrange = score_range(np.concatenate([m.reshape(-1) for m in maps]))
-        order = np.argsort(-soft.image_scores, kind="stable")
-        for k in [int(j) for j in order[:6]]:
+        hrange = detection.map_range()
+        for k in [int(j) for j in detection.order[:6]]:
             images = [
-                detection_overlay(
-                    detection.paths[k],
-                    soft.anomaly_maps[k],
-                    model.transform_,
-                    alpha=0.5,
-                    vrange=hrange,
-                    threshold=threshold,
-                    image_score=float(soft.image_scores[k]),
-                    px=320,
+                scored_overlay(
+                    detection, soft, k, model.transform_, alpha=0.5, vrange=hrange, threshold=threshold, px=320
                 )
             ]
             caption = f"{detection.names[k]} · SoftPatch {soft.image_scores[k]:.2f}"
             if base is not None:
                 images.append(
-                    detection_overlay(
-                        detection.paths[k],
-                        base.anomaly_maps[k],
+                    scored_overlay(
+                        detection,
+                        base,
+                        k,
                         model.transform_,
                         alpha=0.5,
                         vrange=hrange,
                         threshold=base_threshold.threshold,
-                        image_score=float(base.image_scores[k]),
                         px=320,
                     )
                 )
                 caption += f" · PatchCore {base.image_scores[k]:.2f} (right)"
             content.heatmaps.append(ReportImage(caption, images))
         labels = detection.labels
-        if labels is not None and 0 < int(labels.sum()) < len(labels):
+        if services.has_both_classes(labels):
             leaked = services.leaked_mask(session, detection)
             table = services.evaluate(detection, model.transform_, exclude=leaked)
             if leaked.any():
@@ -116,13 +102,10 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
                     f"Detection quality leaves out the {int(leaked.sum())} test images that are also in the training "
                     "folder (leakage): " + ", ".join(detection.names[i] for i in np.flatnonzero(leaked)) + "."
                 )
-            content.metrics = {name: {k: _fmt(v) for k, v in row.items()} for name, row in table.items()}
-            curves = {
-                name: (*services.roc_points(labels, r.image_scores), table[name]["image AUROC"])
-                for name, r in (("SoftPatch", soft), ("PatchCore", base))
-                if r is not None and isinstance(table[name]["image AUROC"], float)
+            content.metrics = {
+                name: {k: services.format_metric(v) for k, v in row.items()} for name, row in table.items()
             }
-            content.figures.append(("ROC curve", plots.roc_figure(curves)))
+            content.figures.append(("ROC curve", plots.roc_figure(services.roc_curves(detection, table, ~leaked))))
             content.figures.append(
                 ("Scores per class", plots.score_histogram(soft.image_scores, labels, threshold=threshold))
             )
@@ -137,7 +120,7 @@ def build_session_report(session: SessionData, detection, *, device: str, progre
             conf = point.confusion
             content.figures.append(("Confusion matrix", plots.confusion_figure(conf.tp, conf.fp, conf.tn, conf.fn)))
             content.threshold = {"Chosen by": method, **point.rows()}
-            content.summary["test image AUROC (SoftPatch)"] = _fmt(table["SoftPatch"]["image AUROC"])
+            content.summary["test image AUROC (SoftPatch)"] = services.format_metric(table["SoftPatch"]["image AUROC"])
         else:
             content.threshold = {"Threshold": f"{threshold:.4f}", "Chosen by": method}
         if base_threshold is not None:
