@@ -227,8 +227,19 @@ class SoftPatch:
             check_disk_space(directory, estimate_fit_disk(self.config, n, grid, feature_dtype))
             cleanup = None
         try:
-            store = FeatureStore.create(directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype)
-            names, sizes = self.embed_into(store, images, progress=progress)
+            batches = self._feature_batches(images, progress)
+            first, sizes = next(batches)
+            # The first batch's mean as the store's offset: float16 then rounds differences between images.
+            store = FeatureStore.create(
+                directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype, offset=first.mean(0)
+            )
+            store.write_images(0, first)
+            done = len(first)
+            for features, batch_sizes in batches:
+                store.write_images(done, features)
+                sizes.extend(batch_sizes)
+                done += len(features)
+            names = [_name_of(img, i) for i, img in enumerate(images)]
         except BaseException:
             if cleanup is not None:
                 cleanup()
@@ -410,14 +421,26 @@ class SoftPatch:
         names = [_name_of(img, start + i) for i, img in enumerate(images)]
         sizes: list[tuple[int, int]] = []
         done = 0
+        for features, batch_sizes in self._feature_batches(images, progress):
+            store.write_images(start + done, features)
+            sizes.extend(batch_sizes)
+            done += len(features)
+        return names, sizes
+
+    def _feature_batches(
+        self, images: Sequence[ImageInput], progress: ProgressCallback | None
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        """``(b, P, D)`` float32 features and original sizes of ``images``, batch by batch."""
+        extractor = self._get_extractor()
+        n = len(images)
+        done = 0
         batch_size = self.config.batch_size or default_batch_size(self.device_)
         report(progress, 0.0, f"features: 0/{n} images")
         for batch, batch_sizes in _load_batches(images, self.transform_, batch_size):
-            sizes.extend(batch_sizes)
-            store.write_images(start + done, self._forward_with_fallback(extractor, batch))
+            features = self._forward_with_fallback(extractor, batch)
             done += len(batch)
             report(progress, done / n, f"features: {done}/{n} images")
-        return names, sizes
+            yield features, list(batch_sizes)
 
     def _forward_with_fallback(self, extractor: FeatureExtractor, batch: torch.Tensor) -> torch.Tensor:
         """Run a batch; on a GPU out-of-memory, in smaller pieces, then on the CPU, keeping work already done."""
