@@ -238,36 +238,33 @@ MAGNETIC = SHARED / "data" / "magnetic_tile"
 
 
 @pytest.mark.slow
-def test_float16_store_leaves_vetting_and_scores_unchanged_on_real_images(tmp_path: Path) -> None:
-    """Magnetic tiles, 48 good + 6 defective training images, random-init resnet18 at 128/112: the float16
-    store gives the float32 store's removed patches (>= 99.5% the same), vetting ranking (top 10 equal,
-    outlier scores within 0.5% relative) and test image scores (within 0.1% relative)."""
+def test_float16_store_leaves_vetting_and_detection_unchanged_on_real_images() -> None:
+    """Magnetic tiles, 48 good + 6 broken training images, random-init resnet18 at 128/112, default settings:
+    the float16 store (with its offset) removes the float32 store's patches (>= 99.9% the same), ranks the
+    training images alike (top 10 equal, suspicion within 0.1% relative) and detects as well (test image
+    AUROC within 0.01). Single test scores may move more: the greedy coreset picks other, equally spread
+    centres when the patches move by float16 rounding (measured: AUROC 0.7299 vs 0.7277)."""
     if not (MAGNETIC / "MT_Free" / "Imgs").is_dir():
         pytest.skip(f"shared magnetic_tile data not found at {MAGNETIC} (see shared/data/README.md)")
+    from softpatch.evaluation.metrics import image_auroc
+
     free = sorted((MAGNETIC / "MT_Free" / "Imgs").glob("*.jpg"))
     broken = sorted((MAGNETIC / "MT_Break" / "Imgs").glob("*.jpg"))
-    train, test = free[:48] + broken[:6], free[48:56] + broken[6:12]
-    config = SoftPatchConfig(
-        backbone="resnet18", pretrained=False, resize=128, crop=112, feature_dim=128, device="cpu", seed=0
-    )
+    train, test = free[:48] + broken[:6], free[48:80] + broken[6:20]
+    config = SoftPatchConfig(backbone="resnet18", pretrained=False, resize=128, crop=112, feature_dim=128, device="cpu")
     extractor = _seeded_extractor(config)
-    fits = {
-        dtype: SoftPatch(config, extractor=extractor).fit(train, feature_dtype=dtype)
-        for dtype in ("float32", "float16")
-    }
-    full, half = fits["float32"], fits["float16"]
+    full = SoftPatch(config, extractor=extractor).fit(train, feature_dtype="float32")
+    half = SoftPatch(config, extractor=extractor).fit(train, feature_dtype="float16")
     assert half.feature_store_.dtype == "float16" and full.feature_store_.dtype == "float32"
     assert half.resolved_config_ == full.resolved_config_
     same_removed = (half.removed_mask_ == full.removed_mask_).mean()
-    assert same_removed >= 0.995, same_removed
-    np.testing.assert_allclose(half.outlier_scores_, full.outlier_scores_, rtol=5e-3, atol=1e-4)
+    assert same_removed >= 0.999, same_removed
     assert half.vetting_report().ranking[:10].tolist() == full.vetting_report().ranking[:10].tolist()
+    np.testing.assert_allclose(half.suspicion_, full.suspicion_, rtol=1e-3)
     test_embeddings = full.embed(test)
-    np.testing.assert_allclose(
-        half.score(test_embeddings, with_maps=False).image_scores,
-        full.score(test_embeddings, with_maps=False).image_scores,
-        rtol=1e-3,
-    )
+    labels = np.r_[np.zeros(32), np.ones(14)]
+    aurocs = [image_auroc(labels, m.score(test_embeddings, with_maps=False).image_scores) for m in (full, half)]
+    assert abs(aurocs[0] - aurocs[1]) <= 0.01, aurocs
 
 
 def _seeded_extractor(config: SoftPatchConfig):

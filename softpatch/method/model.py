@@ -229,9 +229,10 @@ class SoftPatch:
         try:
             batches = self._feature_batches(images, progress)
             first, sizes = next(batches)
-            # The first batch's mean as the store's offset: float16 then rounds differences between images.
+            # The first batch's mean as a float16 store's offset: it then rounds differences between images.
+            offset = first.mean(0) if feature_dtype == "float16" else None  # float32 stays bit-exact
             store = FeatureStore.create(
-                directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype, offset=first.mean(0)
+                directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype, offset=offset
             )
             store.write_images(0, first)
             done = len(first)
