@@ -130,28 +130,41 @@ def gaussian_scores(chunk: PositionChunk, params: DiscriminatorParams) -> torch.
 
 
 def _gaussian_scores_from_reference(x: torch.Tensor, reference: torch.Tensor, gaussian_reg: float) -> torch.Tensor:
-    """``gaussian_scores`` with the mean and covariance estimated on the ``reference`` images only.
+    """``gaussian_scores`` for a large N: the Gaussian is estimated on reference images, every image scored
+    out of sample. ``x``: ``(Pc, N, D)`` float64; returns ``(Pc, N)``.
 
-    ``x``: ``(Pc, N, D)`` float64. Every image is scored against the reference Gaussian; for the reference
-    images themselves this is the same distance as ``gaussian_scores`` on the reference set alone. With
-    fewer reference images than dimensions, the covariance's eigenvectors come from the R x R Gram
-    matrix; a point's component outside their span is weighted by the ridge alone.
+    The reference is split in two halves A and B: A's Gaussian scores every image outside A, B's scores
+    A. Scoring the reference in sample and the rest out of sample would not do: with about as many
+    reference images as dimensions the in-sample distances are much smaller, and the tau cut would
+    remove mostly patches of images outside the reference.
     """
-    fit = x[:, reference]
+    half_a, half_b = reference[0::2], reference[1::2]
+    scores = gaussian_distances(x[:, half_a], x, gaussian_reg)
+    scores[:, half_a] = gaussian_distances(x[:, half_b], x[:, half_a], gaussian_reg)
+    return scores
+
+
+def gaussian_distances(fit: torch.Tensor, query: torch.Tensor, gaussian_reg: float) -> torch.Tensor:
+    """Mahalanobis distances ``(Pc, M)`` of ``query`` ``(Pc, M, D)`` to the Gaussian of ``fit`` ``(Pc, R, D)``
+    (float64, ridge as in ``gaussian_scores``; ``query = fit`` gives ``gaussian_scores`` of ``fit``).
+
+    With fewer fit points than dimensions the covariance's eigenvectors come from the R x R Gram matrix; a
+    query's component outside their span is weighted by the ridge alone.
+    """
     r, d = fit.shape[1], fit.shape[2]
     mean = fit.mean(dim=1, keepdim=True)
     centred_fit = fit - mean
-    centred = x - mean
+    centred = query - mean
     dof = max(r - 1, 1)
     if r <= d:
         eigvals, eigvecs = torch.linalg.eigh(centred_fit @ centred_fit.transpose(1, 2))  # (Pc, R), (Pc, R, R)
         eigvals = eigvals.clamp_min(0)
         ridge = (gaussian_reg * eigvals.sum(-1, keepdim=True) / (dof * d)).clamp_min(1e-12)  # (Pc, 1)
         # Coordinates along the covariance eigenvectors v_j = X^T u_j / s_j: (y . v_j) = (y X^T u_j) / s_j.
-        coords = (centred @ centred_fit.transpose(1, 2)) @ eigvecs  # (Pc, N, R), times s_j
+        coords = (centred @ centred_fit.transpose(1, 2)) @ eigvecs  # (Pc, M, R), times s_j
         valid = eigvals > _EIG_FLOOR * eigvals.amax(-1, keepdim=True)
         inv = torch.where(valid, 1.0 / eigvals.clamp_min(1e-300), torch.zeros_like(eigvals))
-        along = coords.square() * inv.unsqueeze(1)  # (Pc, N, R): squared coordinates
+        along = coords.square() * inv.unsqueeze(1)  # (Pc, M, R): squared coordinates
         in_span = (along / (eigvals / dof + ridge).unsqueeze(1)).sum(-1)
         outside = (centred.square().sum(-1) - along.sum(-1)).clamp_min(0)
         squared = in_span + outside / ridge
