@@ -38,6 +38,7 @@ _DENOISE_GROUP = (
     "lof_k",
     "gaussian_reg",
     "fusion",
+    "neighbour_reference",
     "tau",
     "tau_scope",
     "soft_weight",

@@ -66,7 +66,14 @@ def test_fit_from_paths(
     assert model.grid_shape_ == (8, 8)
     assert model.device_ == torch.device("cpu")
     assert model.train_features_.shape == (n, p, 96)
-    torch.testing.assert_close(model.train_features_, train_embeddings.features)
+    # The fit streams its features through a float16 store: they are the embeddings' differences from the
+    # store's per-position offset, rounded to float16, plus the offset.
+    store = model.feature_store_
+    assert store is not None and store.dtype == "float16"
+    offset = np.fromfile(store.directory / "offset.bin", dtype=np.float32).reshape(p, 96)
+    x = train_embeddings.features.numpy()
+    expected = (x - offset).astype(np.float16).astype(np.float32) + offset
+    np.testing.assert_array_equal(model.train_features_.numpy(), expected)
     assert model.train_names_ == [str(path) for path in synthetic_set.train]
     assert model.train_sizes_ == [(80, 80)] * n
     assert model.outlier_scores_.shape == (n, 8, 8) and np.isfinite(model.outlier_scores_).all()

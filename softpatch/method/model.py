@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,15 +22,17 @@ from torch import nn
 
 from softpatch.config import FEATURE_FIELDS, RETUNE_FIELDS, SoftPatchConfig
 from softpatch.errors import NotFittedError, ResourceError, SoftPatchError
+from softpatch.io.feature_store import DiskArray, FeatureStore
 from softpatch.io.images import ImageTransform, load_image
 from softpatch.method.anomaly_map import anomaly_maps
 from softpatch.method.contamination import AUTO, choose_settings
-from softpatch.method.coreset import random_projection, select_coreset
+from softpatch.method.coreset import projection_matrix, random_projection, select_coreset
 from softpatch.method.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.method.discriminators import (
     DISCRIMINATORS,
     NEIGHBOUR_CACHE_K,
     DiscriminatorParams,
+    FeatureSource,
     NeighbourCache,
     clamp_lof_k,
     compute_neighbours,
@@ -35,6 +40,7 @@ from softpatch.method.discriminators import (
     effective_lof_k,
     needs_features,
     neighbour_cache_k,
+    reference_images,
     score_patches,
 )
 from softpatch.method.features import BackboneInfo, FeatureExtractor, backbone_info, create_backbone
@@ -45,7 +51,9 @@ from softpatch.runtime.progress import ProgressCallback, report
 from softpatch.runtime.resources import (
     MemoryEstimate,
     available_memory,
+    check_disk_space,
     estimate_embed_memory,
+    estimate_fit_disk,
     estimate_fit_memory,
     work_budget,
 )
@@ -57,13 +65,18 @@ _CALIBRATION_PATCHES = 1024
 # Work between two progress messages while scoring: patches per search call, map pixels per block.
 _SCORING_PATCHES_PER_STEP = 8192
 _MAP_PIXELS_PER_STEP = 32 * 224 * 224
+# Element type of the fit's feature store: float16 halves disk and reads and leaves the results unchanged
+# within the tolerance tests/test_feature_store.py and benchmarks/scale.py measure on real images.
+STORE_DTYPE = "float16"
+# Patches per block when the coreset's projection is computed from a store.
+_PROJECTION_ROWS_PER_STEP = 65536
 
 
 @dataclass(frozen=True)
 class Embeddings:
     """Patch features of some images, reusable across re-tunes and model variants."""
 
-    features: torch.Tensor  # (n, P, D) float32, CPU
+    features: FeatureSource  # (n, P, D): a float32 CPU tensor, or a FeatureStore read by chunks
     names: list[str]
     sizes: list[tuple[int, int]]  # original (width, height)
     feature_key: str  # fingerprint of the feature settings that produced them
@@ -109,16 +122,19 @@ class VettingReport:
 class _TrainingState:
     """What a fit learned and caches; shared (read-only) between a model and its variants."""
 
-    features: torch.Tensor | None  # (N, P, D); None for a model loaded from a bundle
+    features: FeatureSource | None  # (N, P, D) tensor or FeatureStore; None for a model loaded from a bundle
     names: list[str]
     sizes: list[tuple[int, int]]
     neighbours: NeighbourCache | None = None
     scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # discriminator key -> (N, P)
-    projections: dict[tuple, np.ndarray] = field(default_factory=dict)  # (dim, seed) -> (N*P, dim)
+    # (dim, seed) -> (N*P, dim) indexable by flat index arrays: an ndarray, or a DiskArray beside the store
+    projections: dict[tuple, np.ndarray | DiskArray] = field(default_factory=dict)
     coresets: dict[tuple, np.ndarray] = field(default_factory=dict)  # selection key -> flat patch indices
     suspicion: np.ndarray | None = None  # (N,) as stored in a bundle; computed from neighbours otherwise
     suspicion_k: int | None = None  # the lof_k the stored suspicion was computed with
     auto_choices: dict[int, dict] = field(default_factory=dict)  # LOF-k -> the settings "auto" resolved to
+    # Removes the store's private temporary directory when the state is collected (None: the caller's folder).
+    cleanup: weakref.finalize | None = None
 
 
 @dataclass(frozen=True)
@@ -181,19 +197,69 @@ class SoftPatch:
         *,
         build_memory_bank: bool = True,
         progress: ProgressCallback | None = None,
+        feature_directory: str | os.PathLike | None = None,
+        feature_dtype: str = STORE_DTYPE,
     ) -> SoftPatch:
         """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self.
 
-        Refuses (``ResourceError``) before reading any image when the fit would not fit in memory.
-        ``build_memory_bank=False`` stops after the noise scores, enough for vetting.
+        Patch features stream from the backbone into an on-disk ``FeatureStore`` (``feature_dtype``) that every
+        later stage, and re-tuning, reads by chunks: memory does not grow with the features. The store
+        lives in ``feature_directory`` (created, kept: e.g. a session folder or a shared one), or in a
+        private temporary directory removed with the model (``close``, or when it is collected).
+        Refuses (``ResourceError``) before reading any image when the fit would not fit in memory or
+        the store would not fit on disk. ``build_memory_bank=False`` stops after the noise scores.
         """
         if len(images) == 0:
             raise SoftPatchError("no training images to fit on")
         self.device_ = resolve_device(self.config.device)
-        grid = self._get_extractor().grid_shape(self.config.crop)
-        _check_memory(estimate_fit_memory(self.config, len(images), grid, with_memory_bank=build_memory_bank))
-        embeddings = self.embed(images, progress=progress)
-        return self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
+        extractor = self._get_extractor()
+        grid = extractor.grid_shape(self.config.crop)
+        n = len(images)
+        _check_memory(estimate_fit_memory(self.config, n, grid, with_memory_bank=build_memory_bank))
+        if feature_directory is None:
+            parent = Path(tempfile.gettempdir())
+            check_disk_space(parent, estimate_fit_disk(self.config, n, grid, feature_dtype))
+            directory = Path(tempfile.mkdtemp(prefix="softpatch-features-"))  # mode 0700
+            cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        else:
+            directory = Path(feature_directory)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_disk_space(directory, estimate_fit_disk(self.config, n, grid, feature_dtype))
+            cleanup = None
+        try:
+            batches = self._feature_batches(images, progress)
+            first, sizes = next(batches)
+            # The first batch's mean as a float16 store's offset: it then rounds differences between images.
+            offset = first.mean(0) if feature_dtype == "float16" else None  # float32 stays bit-exact
+            store = FeatureStore.create(
+                directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype, offset=offset
+            )
+            store.write_images(0, first)
+            done = len(first)
+            for features, batch_sizes in batches:
+                store.write_images(done, features)
+                sizes.extend(batch_sizes)
+                done += len(features)
+            names = [_name_of(img, i) for i, img in enumerate(images)]
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            raise
+        embeddings = Embeddings(store, names, sizes, self.config.feature_key())
+        self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
+        if cleanup is not None:  # the directory now lives as long as the training state, shared by variants
+            cleanup.detach()
+            self._state.cleanup = weakref.finalize(self._state, shutil.rmtree, directory, ignore_errors=True)
+        return self
+
+    def close(self) -> None:
+        """Remove this model's private feature store now (also done when it is collected); a no-op otherwise.
+
+        Variants share the store: close only when none of them is used any more.
+        """
+        state = self._state
+        if state is not None and state.cleanup is not None:
+            state.cleanup()
 
     def fit_embeddings(
         self, embeddings: Embeddings, *, build_memory_bank: bool = True, progress: ProgressCallback | None = None
@@ -332,6 +398,51 @@ class SoftPatch:
             report(progress, done / n, f"features: {done}/{n} images")
         return Embeddings(out, names, sizes, self.config.feature_key())
 
+    def embed_into(
+        self,
+        store: FeatureStore,
+        images: Sequence[ImageInput],
+        *,
+        start: int = 0,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[list[str], list[tuple[int, int]]]:
+        """Write the patch features of ``images`` into ``store`` as images ``start .. start + len(images)``.
+
+        Batch by batch: nothing but one batch is held. Disjoint ranges of one store may be filled by several
+        processes at once (each with its own model). Returns the images' names and original sizes.
+        """
+        self.device_ = getattr(self, "device_", None) or resolve_device(self.config.device)
+        extractor = self._get_extractor()
+        grid = extractor.grid_shape(self.config.crop)
+        if store.shape[1:] != (grid[0] * grid[1], self.config.feature_dim):
+            raise SoftPatchError("this feature store was made for other feature settings than this model's")
+        n = len(images)
+        if not 0 <= start <= store.shape[0] - n:
+            raise SoftPatchError(f"images {start}..{start + n} do not fit a feature store of {store.shape[0]} images")
+        names = [_name_of(img, start + i) for i, img in enumerate(images)]
+        sizes: list[tuple[int, int]] = []
+        done = 0
+        for features, batch_sizes in self._feature_batches(images, progress):
+            store.write_images(start + done, features)
+            sizes.extend(batch_sizes)
+            done += len(features)
+        return names, sizes
+
+    def _feature_batches(
+        self, images: Sequence[ImageInput], progress: ProgressCallback | None
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        """``(b, P, D)`` float32 features and original sizes of ``images``, batch by batch."""
+        extractor = self._get_extractor()
+        n = len(images)
+        done = 0
+        batch_size = self.config.batch_size or default_batch_size(self.device_)
+        report(progress, 0.0, f"features: 0/{n} images")
+        for batch, batch_sizes in _load_batches(images, self.transform_, batch_size):
+            features = self._forward_with_fallback(extractor, batch)
+            done += len(batch)
+            report(progress, done / n, f"features: {done}/{n} images")
+            yield features, list(batch_sizes)
+
     def _forward_with_fallback(self, extractor: FeatureExtractor, batch: torch.Tensor) -> torch.Tensor:
         """Run a batch; on a GPU out-of-memory, in smaller pieces, then on the CPU, keeping work already done."""
         pieces: list[torch.Tensor] = []
@@ -391,7 +502,15 @@ class SoftPatch:
             key += ("reg", config.gaussian_reg)
         if name == "fusion":
             key += ("members", config.fusion)
+        reference = self._reference(config)
+        if reference is not None and name != "none":
+            key += ("reference", config.neighbour_reference, config.seed)
         return key
+
+    def _reference(self, config: SoftPatchConfig | None = None) -> np.ndarray | None:
+        """The reference images the neighbour search compares with (None: all of them, exact)."""
+        config = config or self.config
+        return reference_images(len(self._state.names), config.neighbour_reference, config.seed)
 
     def _denoising_key(self, config: SoftPatchConfig) -> tuple:
         return (self._score_key(config), config.tau, config.tau_scope)
@@ -458,12 +577,11 @@ class SoftPatch:
         )
         chosen = state.coresets.get(selection_key)
         if chosen is None:
-            flat = state.features.reshape(-1, state.features.shape[-1])
             if c.coreset == "greedy" and c.coreset_ratio < 1.0:
                 projected = state.projections.get((c.projection_dim, c.seed))
                 if projected is None:
                     report(progress, 0.0, "coreset: projecting patches")
-                    projected = random_projection(flat, c.projection_dim, c.seed)
+                    projected = _project(state.features, c.projection_dim, c.seed)
                     state.projections[(c.projection_dim, c.seed)] = projected
                 source = torch.from_numpy(projected[kept])
                 # Already projected: the sampler's own projection would be the identity here.
@@ -481,7 +599,6 @@ class SoftPatch:
                 )
             chosen = kept[local]
             state.coresets[selection_key] = chosen
-        flat = state.features.reshape(-1, state.features.shape[-1])
         if c.soft_weight and denoises(self._discriminator(), len(state.names)):
             weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
         else:
@@ -489,12 +606,12 @@ class SoftPatch:
         p = self.grid_shape_[0] * self.grid_shape_[1]
         positions = chosen % p
         provenance = np.stack([chosen // p, positions // self.grid_shape_[1], positions % self.grid_shape_[1]], axis=1)
-        bank = MemoryBank(flat[torch.from_numpy(chosen)].clone(), weights.float(), provenance.astype(np.int64))
+        bank = MemoryBank(_gather(state.features, chosen), weights.float(), provenance.astype(np.int64))
         # Part of a ready bank, so the first score() is not slower. Kept patches that the coreset left
         # out are nominal patches like most test patches: the search tunes itself on a sample of them.
         left_out = np.setdiff1d(kept, chosen, assume_unique=True)
         sample = left_out[np.linspace(0, left_out.size - 1, min(left_out.size, _CALIBRATION_PATCHES)).astype(np.int64)]
-        bank.prepare_search(self.device_, c.search, calibration=flat[torch.from_numpy(sample)])
+        bank.prepare_search(self.device_, c.search, calibration=_gather(state.features, sample))
         self._bank, self._bank_key = bank, key
         report(progress, 1.0, f"coreset: memory bank of {chosen.size} patches ready")
         return self._bank
@@ -568,10 +685,18 @@ class SoftPatch:
 
     @property
     def train_features_(self) -> torch.Tensor:
+        """``(N, P, D)`` float32 training features as one tensor (read whole from the store of a fit from
+        images: for large folders use ``feature_store_``, read by chunks)."""
         features = self._check_fitted().features
         if features is None:
             raise SoftPatchError("this model was loaded from a bundle and has no training features")
-        return features
+        return features if isinstance(features, torch.Tensor) else features.to_tensor()
+
+    @property
+    def feature_store_(self) -> FeatureStore | None:
+        """The on-disk store the training features live in (None when they are in memory or absent)."""
+        features = self._check_fitted().features
+        return features if isinstance(features, FeatureStore) else None
 
     @property
     def outlier_scores_(self) -> np.ndarray:
@@ -597,10 +722,25 @@ class SoftPatch:
         (None with fewer than 2 images)."""
         state = self._check_fitted()
         n = len(state.names)
-        k = neighbour_cache_k(lof_k or self.config.lof_k, n)
-        if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
+        reference = self._reference()
+        k = neighbour_cache_k(lof_k or self.config.lof_k, n if reference is None else len(reference))
+        cached = state.neighbours
+        stale = (
+            cached is None
+            or cached.k < k
+            or (cached.reference is None) != (reference is None)
+            or (reference is not None and not np.array_equal(cached.reference, reference))
+        )
+        if n >= 2 and state.features is not None and stale:
+            store = state.features if isinstance(state.features, FeatureStore) else None
             state.neighbours = compute_neighbours(
-                state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
+                state.features,
+                k,
+                device=self.device_,
+                budget_bytes=work_budget(self.device_),
+                progress=progress,
+                reference=reference,
+                directory=store.directory if store is not None else None,
             )
         return state.neighbours
 
@@ -619,7 +759,7 @@ class SoftPatch:
         neighbours = self._neighbours()
         if neighbours is None:
             return np.zeros(len(self._check_fitted().names), dtype=np.float32)
-        return image_suspicion(neighbours.dist[:, :, :NEIGHBOUR_CACHE_K].mean(-1).T.numpy())
+        return image_suspicion(neighbours.mean_distance(min(NEIGHBOUR_CACHE_K, neighbours.k)))
 
     def _suspicion(self, lof_k: int) -> np.ndarray:
         state = self._check_fitted()
@@ -630,13 +770,39 @@ class SoftPatch:
         if neighbours is None:
             return np.zeros(len(state.names), dtype=np.float32)
         k = max(1, min(lof_k, neighbours.k))
-        return image_suspicion(neighbours.dist[:, :, :k].mean(-1).T.numpy())
+        return image_suspicion(neighbours.mean_distance(k))
 
     def vetting_report(self) -> VettingReport:
         """Training images ranked by suspicion (image level), with their removed share (patch level)."""
         suspicion = self.suspicion_
         ranking = np.argsort(-suspicion, kind="stable")
         return VettingReport(list(self.train_names_), suspicion, self.removed_fraction_, ranking)
+
+
+def _gather(features: FeatureSource, flat_indices: np.ndarray) -> torch.Tensor:
+    """``(k, D)`` float32 patches by flat index (image * P + position), a fresh tensor."""
+    if isinstance(features, FeatureStore):
+        return features.gather(flat_indices)
+    return features.reshape(-1, features.shape[-1])[torch.from_numpy(np.asarray(flat_indices, dtype=np.int64))].clone()
+
+
+def _project(features: FeatureSource, dim: int, seed: int) -> np.ndarray | DiskArray:
+    """The coreset's ``(N*P, dim)`` seeded random projection of every patch, rows by flat index.
+
+    From a store, computed by blocks of images into a float32 ``DiskArray`` beside it (never whole in memory).
+    """
+    if isinstance(features, torch.Tensor):
+        return random_projection(features.reshape(-1, features.shape[-1]), dim, seed)
+    n, p, d = features.shape
+    out_dim = min(dim, d)
+    out = DiskArray.create(features.array_path(f"projection_{dim}_{seed}"), (n * p, out_dim), np.float32)
+    matrix = projection_matrix(d, dim, seed) if dim < d else None
+    step = max(1, _PROJECTION_ROWS_PER_STEP // p)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = features.read_images(start, stop).reshape(-1, d)
+        out.write(start * p, (block @ matrix if matrix is not None else block).numpy())
+    return out
 
 
 def _check_memory(estimate: MemoryEstimate) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from softpatch.config import SoftPatchConfig
+from softpatch.errors import ResourceError
+from softpatch.io.feature_store import store_bytes
 from softpatch.io.limits import format_bytes
-from softpatch.method.discriminators import neighbour_cache_k
+from softpatch.method.discriminators import neighbour_cache_k, position_work_bytes, reference_images
 from softpatch.runtime.device import default_batch_size
 
 # Share of free memory one chunk of discriminator work may use.
@@ -22,9 +26,9 @@ class MemoryEstimate:
     """Host memory a fit holds at its peak, by component (bytes)."""
 
     n_images: int
-    features_bytes: int  # (N, P, D) float32 training features, kept for re-tuning
-    neighbours_bytes: int  # the per-position k-NN cache
-    coreset_bytes: int  # projection of all patches + the chosen bank
+    features_bytes: int  # features held in memory: all (N, P, D) float32 in memory; one chunk when streamed
+    neighbours_bytes: int  # the per-position k-NN cache (in memory), or one position's search when streamed
+    coreset_bytes: int  # projection of the kept patches the coreset works on + the chosen bank
     backbone_bytes: int  # model weights and activations of one batch
 
     @property
@@ -41,21 +45,64 @@ class MemoryEstimate:
 
 
 def estimate_fit_memory(
-    config: SoftPatchConfig, n_images: int, grid: tuple[int, int], *, with_memory_bank: bool = True
+    config: SoftPatchConfig,
+    n_images: int,
+    grid: tuple[int, int],
+    *,
+    with_memory_bank: bool = True,
+    streaming: bool = True,
 ) -> MemoryEstimate:
-    """Peak host memory of a fit on ``n_images``; ``with_memory_bank=False`` for vetting only (no coreset)."""
-    patches = n_images * grid[0] * grid[1]
-    k = neighbour_cache_k(config.lof_k, n_images)
+    """Peak host memory of a fit on ``n_images``; ``with_memory_bank=False`` for vetting only (no coreset).
+
+    ``streaming`` (``SoftPatch.fit``): features and the neighbour cache live in an on-disk store, so memory
+    holds one batch of features and one chunk of position-wise work (at least one position: ``n_images``
+    patches against all images, or the reference sample above ``config.neighbour_reference``).
+    ``streaming=False`` (``fit_embeddings`` on a tensor): all features and the cache are in memory.
+    """
+    p = grid[0] * grid[1]
+    patches = n_images * p
+    reference = reference_images(n_images, config.neighbour_reference, config.seed)
+    compared = n_images if reference is None else len(reference)
+    k = neighbour_cache_k(config.lof_k, compared)
+    if streaming:
+        batch = (config.batch_size or 32) * p * config.feature_dim * 4
+        features_bytes = batch + n_images * config.feature_dim * 4  # a batch, and one position read back
+        neighbours_bytes = position_work_bytes(n_images, compared, config.feature_dim, with_features=True)
+    else:
+        features_bytes = patches * config.feature_dim * 4
+        neighbours_bytes = patches * k * 8
     return MemoryEstimate(
         n_images=n_images,
-        features_bytes=patches * config.feature_dim * 4,
-        neighbours_bytes=patches * k * 8,
+        features_bytes=features_bytes,
+        neighbours_bytes=neighbours_bytes,
         coreset_bytes=patches * (config.projection_dim * 4 + 16)
         + int(patches * config.coreset_ratio) * config.feature_dim * 4
         if with_memory_bank
         else 0,
         backbone_bytes=backbone_batch_bytes(config),
     )
+
+
+def estimate_fit_disk(config: SoftPatchConfig, n_images: int, grid: tuple[int, int], dtype: str = "float16") -> int:
+    """Disk bytes of a streamed fit: the feature store, its neighbour cache and the coreset's projection."""
+    p = grid[0] * grid[1]
+    reference = reference_images(n_images, config.neighbour_reference, config.seed)
+    k = neighbour_cache_k(config.lof_k, n_images if reference is None else len(reference))
+    projection = n_images * p * min(config.projection_dim, config.feature_dim) * 4
+    return store_bytes(n_images, p, config.feature_dim, dtype) + n_images * p * k * 8 + projection
+
+
+def check_disk_space(directory: str | os.PathLike, needed: int) -> None:
+    """``ResourceError`` when ``directory`` (or the nearest existing folder above it) has under ``needed`` bytes free."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise ResourceError(
+            f"the training features need about {format_bytes(needed)} of disk in {path} but only {format_bytes(free)} is free; "
+            "free some space, choose another folder for them, or use fewer images"
+        )
 
 
 def backbone_batch_bytes(config: SoftPatchConfig) -> int:

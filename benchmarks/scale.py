@@ -1,0 +1,388 @@
+"""Scale benchmark of softpatch (a script, not a test): fits on 1,000 to 10,000 images, per stage.
+
+Builds training folders of the requested sizes from ``../shared/data/magnetic_tile`` (augmented copies of
+real images: flips, crops of 85-100% of each side, rotations of up to 5 degrees): defect-free copies of
+``MT_Free`` plus 2% planted defective copies of the ``MT_*`` classes, written once into a temporary
+folder. Each size is fitted in its own child process (so peak memory is that size's own) with the default
+settings (wide_resnet50_2 at 256/224, random init: weights do not change speed), and the child prints,
+per stage (features, neighbours, discriminator, coreset and bank, scoring), the wall time, the peak RSS
+(``/proc/self/status`` VmRSS sampled every 0.1 s) and the disk the feature store uses.
+
+Where the exact path fits (``--exact-max``, default 2,000 images) the child also runs the exact
+neighbour search on the same store and prints the approximate search's recall against it: share of the
+exact tau cut's removed patches also removed, share of the exact top-2% suspects kept, recall@6 of the
+exact neighbours (on 16 positions), and the vetting AUROC of the planted defective images and the test
+image/pixel AUROCs (80 held-out good tiles + the last 4 of each defect class, not augmented), exact vs
+approximate. ``--fp16-check`` adds a float32-store fit at the smallest size: removed patches, ranking and
+AUROCs, float16 vs float32.
+
+Targets (issue 13, on a 2-core 24 GB machine): the 10,000-image fit in at most 30 minutes with peak RSS at
+most 6 GB; time per image at 10,000 at most 1.5x that at 1,000; vetting and test AUROCs within 0.02 of
+the exact path at 2,000 images.
+
+    python benchmarks/scale.py                               # 1000, 2000, 5000, 10000 (hours)
+    python benchmarks/scale.py --sizes 1000,2000 --fp16-check
+    python benchmarks/scale.py --quick                       # 64 and 128 images, tiny backbone: proves it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SOFTPATCH_DATA", ROOT.parent / "shared" / "data")) / "magnetic_tile"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout: import this softpatch
+
+DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
+PLANTED_SHARE = 0.02
+TEST_FREE = 80  # the last 80 MT_Free images are the test set's good ones, never augmented into training
+TEST_DEFECT_PER_CLASS = 4  # the last 4 of each class
+QUICK_CONFIG = {
+    "backbone": "resnet18",
+    "pretrained": False,
+    "resize": 128,
+    "crop": 112,
+    "feature_dim": 128,
+    "neighbour_reference": 48,  # so that the 128-image quick run takes the approximate path
+}
+FULL_CONFIG = {"backbone": "wide_resnet50_2", "pretrained": False}
+STAGES = ("features", "neighbours", "discriminator", "coreset", "scoring")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _sources() -> tuple[list[Path], list[Path], list[Path], list[Path]]:
+    """Training sources (good, defective) and the test set (good, defective), disjoint."""
+    free = sorted((DATA / "MT_Free" / "Imgs").glob("*.jpg"))
+    if not free:
+        sys.exit(f"no magnetic_tile images under {DATA} (see shared/data/README.md)")
+    defect = {c: sorted((DATA / c / "Imgs").glob("*.jpg")) for c in DEFECT_CLASSES}
+    train_bad = [p for c in DEFECT_CLASSES for p in defect[c][:-TEST_DEFECT_PER_CLASS]]
+    test_bad = [p for c in DEFECT_CLASSES for p in defect[c][-TEST_DEFECT_PER_CLASS:]]
+    return free[:-TEST_FREE], train_bad, free[-TEST_FREE:], test_bad
+
+
+def _augment(source: Path, target: Path, seed: int) -> None:
+    """A flipped, cropped (85-100% of each side) and slightly rotated (<= 5 degrees) copy of ``source``."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(seed)
+    image = Image.open(source).convert("RGB")
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    if rng.random() < 0.5:
+        image = ImageOps.flip(image)
+    w, h = image.size
+    cw, ch = int(w * rng.uniform(0.85, 1.0)), int(h * rng.uniform(0.85, 1.0))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((left, top, left + cw, top + ch))
+    fill = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0))
+    image = image.rotate(float(rng.uniform(-5, 5)), resample=Image.Resampling.BILINEAR, fillcolor=fill)
+    image.save(target, quality=95)
+
+
+def build_folder(root: Path, n_images: int) -> tuple[list[str], list[int]]:
+    """``n_images`` augmented training copies in ``root`` (2% planted defective): paths and labels (1 = defective).
+
+    Deterministic per index, so a smaller size's images are the first ones of a larger size's.
+    """
+    good, bad, _, _ = _sources()
+    n_bad = max(1, round(n_images * PLANTED_SHARE))
+    # Planted images spread evenly through the folder, so every prefix has about 2% of them.
+    bad_slots = {round((i + 0.5) * n_images / n_bad) for i in range(n_bad)}
+    root.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    g = b = 0
+    for i in range(n_images):
+        planted = i in bad_slots
+        source = bad[b % len(bad)] if planted else good[g % len(good)]
+        b, g = (b + 1, g) if planted else (b, g + 1)
+        target = root / f"{i:06d}_{'bad' if planted else 'good'}_{source.stem}.jpg"
+        if not target.exists():
+            _augment(source, target, seed=i)
+        paths.append(str(target))
+        labels.append(int(planted))
+    return paths, labels
+
+
+# ---------------------------------------------------------------------------------------------- child
+class _Meter:
+    """Wall time and peak VmRSS per stage; the stage follows the progress messages of the fit."""
+
+    def __init__(self) -> None:
+        self.stage = "setup"
+        self.start = {self.stage: time.perf_counter()}
+        self.end: dict[str, float] = {}
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            stage = self.stage
+            self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+
+    def enter(self, stage: str) -> None:
+        if stage != self.stage:
+            now = time.perf_counter()
+            self.end[self.stage] = now
+            self.peak[self.stage] = max(self.peak.get(self.stage, 0), self.rss())
+            self.stage = stage
+            self.start.setdefault(stage, now)
+
+    def progress(self, fraction: float, message: str) -> None:
+        prefix = message.split(":", 1)[0]
+        if prefix == "discriminator" and "neighbours" in message:
+            prefix = "neighbours"
+        if prefix in STAGES:
+            self.enter(prefix)
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self.enter("done")
+        self._stop.set()
+        return {
+            s: {"seconds": self.end[s] - self.start[s], "peak_rss": self.peak.get(s, 0)}
+            for s in self.end
+            if s != "setup"
+        }
+
+
+def _disk_used(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
+
+
+def _auroc_pair(model: Any, labels: Any, test: Any, test_labels: Any, masks: Any) -> dict[str, float]:
+    import numpy as np
+
+    from softpatch.evaluation.metrics import image_auroc, pixel_auroc
+
+    result = model.score(test, with_maps=True)
+    return {
+        "vetting_auroc": image_auroc(np.asarray(labels), model.suspicion_),
+        "image_auroc": image_auroc(np.asarray(test_labels), result.image_scores),
+        "pixel_auroc": pixel_auroc(masks, result.anomaly_maps),
+    }
+
+
+def _test_set(model: Any) -> tuple[Any, list[int], Any]:
+    import numpy as np
+    from PIL import Image
+
+    _, _, good, bad = _sources()
+    masks = []
+    for path in good + bad:
+        mask_path = path.with_suffix(".png")
+        mask = np.asarray(Image.open(mask_path).convert("L")) >= 128 if mask_path.exists() else None
+        if mask is None:
+            mask = np.zeros(Image.open(path).size[::-1], dtype=bool)
+        masks.append(model.transform_.mask(mask))
+    return model.embed(good + bad), [0] * len(good) + [1] * len(bad), np.stack(masks)
+
+
+def run_child(job: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from softpatch.config import SoftPatchConfig
+    from softpatch.method.model import SoftPatch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(job["threads"])
+    meter = _Meter()
+    config = SoftPatchConfig(**job["config"])
+    store_dir = Path(job["store_dir"])
+    model = SoftPatch(config)
+    started = time.perf_counter()
+    model.fit(job["paths"], progress=meter.progress, feature_directory=store_dir, feature_dtype=job["dtype"])
+    fit_seconds = time.perf_counter() - started
+    meter.enter("scoring")
+    test, test_labels, masks = _test_set(model)
+    approx = _auroc_pair(model, job["labels"], test, test_labels, masks)
+    stages = meter.stop()
+    out: dict[str, Any] = {
+        "n": len(job["paths"]),
+        "dtype": job["dtype"],
+        "fit_seconds": fit_seconds,
+        "stages": stages,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "disk": _disk_used(store_dir),
+        "store_bytes": model.feature_store_.nbytes,
+        "approximate": model._state.neighbours.reference is not None,
+        "discriminator": model.resolved_config_.discriminator,
+        "accuracy": approx,
+        "removed": np.packbits(model.removed_mask_.reshape(-1)).tobytes().hex() if job.get("keep_removed") else None,
+        "suspicion": model.suspicion_.tolist(),
+    }
+    if job["compare_exact"] and out["approximate"]:
+        n = len(job["paths"])
+        started = time.perf_counter()
+        exact = model.variant(neighbour_reference=n)
+        removed_exact, removed_approx = exact.removed_mask_, model.removed_mask_
+        top = max(1, round(PLANTED_SHARE * n))
+        top_exact = set(exact.vetting_report().ranking[:top].tolist())
+        top_approx = set(model.vetting_report().ranking[:top].tolist())
+        exact_accuracy = _auroc_pair(exact, job["labels"], test, test_labels, masks)
+        ne = exact._state.neighbours
+        exact_index = ne.positions(0, ne.dist.shape[0])[1][:: max(1, ne.dist.shape[0] // 16), :, :6]
+        model._state.neighbours = None  # the approximate cache again, for recall@6 (the state is shared)
+        na = model._neighbours()
+        approx_index = na.positions(0, na.dist.shape[0])[1][:: max(1, na.dist.shape[0] // 16), :, :6]
+        hits = (exact_index.unsqueeze(-1) == approx_index.unsqueeze(-2)).any(-1).float().mean().item()
+        out["exact"] = {
+            "seconds": time.perf_counter() - started,
+            "removed_recall": float((removed_exact & removed_approx).sum() / max(1, removed_exact.sum())),
+            "top_kept": len(top_exact & top_approx) / top,
+            "recall_at_6": hits,
+            "accuracy": exact_accuracy,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def _child(job: dict, work: Path) -> dict:
+    job_file = work / f"job_{job['n']}_{job['dtype']}.json"
+    job_file.write_text(json.dumps(job))
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(job_file)], capture_output=True, text=True, env=os.environ.copy()
+    )
+    if done.returncode != 0:
+        sys.exit(f"the fit of {job['n']} images failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1024**3:.2f}"
+
+
+def _print_tables(results: list[dict], fp16: dict | None) -> None:
+    print("\n## Fit per stage\n")
+    print("| images | stage | time (s) | peak RSS (GB) |")
+    print("|---:|---|---:|---:|")
+    for r in results:
+        for stage, v in r["stages"].items():
+            print(f"| {r['n']} | {stage} | {v['seconds']:.1f} | {_gb(v['peak_rss'])} |")
+    print("\n## Whole fit\n")
+    print("| images | search | fit (s) | s/image | x vs smallest | peak RSS (GB) | store (GB) | disk used (GB) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    base = results[0]["fit_seconds"] / results[0]["n"]
+    for r in results:
+        per = r["fit_seconds"] / r["n"]
+        search = "reference" if r["approximate"] else "exact"
+        print(
+            f"| {r['n']} | {search} | {r['fit_seconds']:.1f} | {per:.3f} | {per / base:.2f} | {_gb(r['peak_rss'])} "
+            f"| {_gb(r['store_bytes'])} | {_gb(r['disk'])} |"
+        )
+    largest = results[-1]
+    print(
+        f"\nTargets at {largest['n']} images: fit {largest['fit_seconds'] / 60:.1f} min (<= 30), peak RSS "
+        f"{_gb(largest['peak_rss'])} GB (<= 6), time per image {largest['fit_seconds'] / largest['n'] / base:.2f}x "
+        "the smallest size's (<= 1.5)."
+    )
+    compared = [r for r in results if "exact" in r]
+    if compared:
+        print("\n## Reference search vs exact\n")
+        print(
+            "| images | removed recall | top-2% kept | recall@6 | vetting AUROC exact / ref | image AUROC exact / ref "
+            "| pixel AUROC exact / ref | exact extra (s) |"
+        )
+        print("|---:|---:|---:|---:|---|---|---|---:|")
+        for r in compared:
+            e, a = r["exact"]["accuracy"], r["accuracy"]
+            print(
+                f"| {r['n']} | {r['exact']['removed_recall']:.3f} | {r['exact']['top_kept']:.3f} "
+                f"| {r['exact']['recall_at_6']:.3f} | {e['vetting_auroc']:.4f} / {a['vetting_auroc']:.4f} "
+                f"| {e['image_auroc']:.4f} / {a['image_auroc']:.4f} | {e['pixel_auroc']:.4f} / {a['pixel_auroc']:.4f} "
+                f"| {r['exact']['seconds']:.1f} |"
+            )
+    if fp16 is not None:
+        half, full = fp16["float16"], fp16["float32"]
+        import numpy as np
+
+        removed_h = np.unpackbits(np.frombuffer(bytes.fromhex(half["removed"]), np.uint8))
+        removed_f = np.unpackbits(np.frombuffer(bytes.fromhex(full["removed"]), np.uint8))
+        same = float((removed_h == removed_f).mean())
+        rank_h = np.argsort(-np.asarray(half["suspicion"]), kind="stable")
+        rank_f = np.argsort(-np.asarray(full["suspicion"]), kind="stable")
+        top = max(1, round(PLANTED_SHARE * half["n"]))
+        kept = len(set(rank_h[:top].tolist()) & set(rank_f[:top].tolist())) / top
+        ha, fa = half["accuracy"], full["accuracy"]
+        print(
+            f"\nfloat16 vs float32 store at {half['n']} images: removed patches {same:.5f} the same, top-2% suspects "
+            f"{kept:.3f} kept, vetting AUROC {ha['vetting_auroc']:.4f} / {fa['vetting_auroc']:.4f}, image AUROC "
+            f"{ha['image_auroc']:.4f} / {fa['image_auroc']:.4f}, pixel AUROC {ha['pixel_auroc']:.4f} / "
+            f"{fa['pixel_auroc']:.4f}; store {_gb(half['store_bytes'])} / {_gb(full['store_bytes'])} GB."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,2000,5000,10000", help="training set sizes, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="64 and 128 images, resnet18 at 128/112: proves it runs")
+    parser.add_argument("--exact-max", type=int, default=2000, help="compare with the exact search up to this size")
+    parser.add_argument("--fp16-check", action="store_true", help="also fit the smallest size on a float32 store")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per fit")
+    parser.add_argument("--work", default=None, help="folder for images and stores (default: a temporary one)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(Path(args.child).read_text()))))
+        return 0
+    sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
+    config = QUICK_CONFIG if args.quick else FULL_CONFIG
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="softpatch-scale-"))
+    try:
+        started = time.perf_counter()
+        paths, labels = build_folder(work / "images", max(sizes))
+        print(f"built {max(sizes)} augmented images in {time.perf_counter() - started:.0f} s under {work}")
+        results, fp16 = [], None
+        for n in sizes:
+            job = {
+                "n": n,
+                "paths": paths[:n],
+                "labels": labels[:n],
+                "config": config,
+                "dtype": "float16",
+                "threads": args.threads,
+                "store_dir": str(work / f"store_{n}"),
+                "compare_exact": n <= args.exact_max,
+                "keep_removed": args.fp16_check and n == sizes[0],
+            }
+            results.append(_child(job, work))
+            shutil.rmtree(job["store_dir"], ignore_errors=True)
+            print(f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s", flush=True)
+            if job["keep_removed"]:
+                full = _child(
+                    {**job, "dtype": "float32", "compare_exact": False, "store_dir": str(work / f"store_{n}_f32")}, work
+                )
+                shutil.rmtree(work / f"store_{n}_f32", ignore_errors=True)
+                fp16 = {"float16": results[-1], "float32": full}
+        _print_tables(results, fp16)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
