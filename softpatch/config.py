@@ -25,7 +25,7 @@ TAU_SCOPES = ("global", "position")
 CORESET_METHODS = ("greedy", "random", "all")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-SEARCH_METHODS = ("bounded", "exhaustive")
+SEARCH_METHODS = ("bounded", "exhaustive", "ivf")
 ROLES = ("feature", "retune", "runtime")
 # Keys of earlier versions that no longer mean anything; accepted on load and dropped.
 _RETIRED_KEYS = frozenset({"search_candidates"})  # approximate search, replaced by the exact bounded one
@@ -276,6 +276,31 @@ class SoftPatchConfig:
     projection_dim: int = _setting(
         128, help="random projection used by the greedy coreset", kind="int", role="retune", low=1, high=2048
     )
+    coreset_exact_rows: int = _setting(
+        262_144,
+        help="the greedy coreset is exact up to this many kept patches; beyond, it runs on seeded random blocks "
+        "(cost linear in the patches)",
+        kind="int",
+        role="retune",
+        low=1,
+        high=2**40,
+    )
+    coreset_block_rows: int = _setting(
+        65_536,
+        help="patches per block of the blocked greedy coreset (more: closer to the exact one, slower)",
+        kind="int",
+        role="retune",
+        low=256,
+        high=2**24,
+    )
+    bank_budget_mb: int = _setting(
+        2048,
+        help="largest memory bank in MB (rows x feature_dim x 4 bytes); a larger coreset is cut to it, with a warning",
+        kind="int",
+        role="retune",
+        low=1,
+        high=2**20,
+    )
     # --- anomaly maps
     blur_sigma: float = _setting(
         4.0, help="Gaussian blur of the anomaly maps, in crop pixels", kind="float", role="retune", low=0.0, high=64.0
@@ -286,7 +311,8 @@ class SoftPatchConfig:
     )
     search: str = _setting(
         "bounded",
-        help="CPU nearest-neighbour search, exact either way; exhaustive is the slower baseline",
+        help="CPU nearest-neighbour search: bounded and exhaustive are exact (exhaustive is the slower baseline); "
+        "ivf is approximate on banks of a million rows or more, its measured recall reported",
         kind="choice",
         choices=SEARCH_METHODS,
     )

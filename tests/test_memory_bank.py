@@ -9,7 +9,7 @@ from scipy.spatial.distance import cdist
 
 from softpatch.method import memory_bank as memory_bank_module
 from softpatch.method.memory_bank import MemoryBank
-from softpatch.method.search import BoundedSearch, ExhaustiveSearch
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch, IVFSearch
 
 CPU = torch.device("cpu")
 
@@ -95,3 +95,50 @@ def test_empty_bank_is_an_error() -> None:
 def test_inconsistent_parts_are_refused(features: torch.Tensor, weights: torch.Tensor, provenance: np.ndarray) -> None:
     with pytest.raises(ValueError, match="inconsistent"):
         MemoryBank(features, weights, provenance)
+
+
+def test_ivf_below_its_size_is_the_exact_search_and_reports_no_recall() -> None:
+    bank = _bank(300, 16, seed=8)
+    queries = _queries(40, 16, seed=9)
+    match = bank.search(queries, CPU, method="ivf")
+    distance, index = _brute_force(bank, queries)
+    np.testing.assert_array_equal(match.index.numpy(), index)
+    np.testing.assert_allclose(match.distance.numpy(), distance, rtol=1e-4, atol=1e-4)
+    assert match.recall is None and bank.search_recall(CPU, "ivf") is None
+    assert not any(isinstance(i, IVFSearch) for i in bank._indexes.values())
+
+
+def test_ivf_on_a_large_bank_reports_the_recall_measured_on_held_out_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_bank_module, "_IVF_MIN_ROWS", 1000)
+    monkeypatch.setattr(memory_bank_module, "_IVF_PROBES", 2)
+    bank = _bank(3000, 16, seed=10)
+    held_out = _queries(200, 16, seed=11)
+    index = bank.prepare_search(CPU, "ivf", calibration=held_out)
+    assert isinstance(index, IVFSearch) and index.recall_queries_ == 200
+    found = bank.search(held_out, CPU, method="ivf")
+    truth, _ = _brute_force(bank, held_out)
+    assert found.recall == bank.search_recall(CPU, "ivf") == index.recall_
+    assert index.recall_ == pytest.approx(float(np.mean(found.distance.numpy() <= truth * (1 + 1e-5) + 1e-5)))
+    assert index.recall_ < 1.0, "2 probes of isotropic data miss some nearest rows, and say so"
+    exact = bank.search(held_out, CPU, method="bounded")
+    assert exact.recall is None and bank.search_recall(CPU, "bounded") is None
+
+
+def test_the_model_reports_the_recall_of_an_approximate_search(
+    monkeypatch: pytest.MonkeyPatch, fitted, eval_embeddings
+) -> None:
+    exact = fitted.score(eval_embeddings, with_maps=False)
+    assert exact.search_recall is None, "the default search is exact"
+    monkeypatch.setattr(memory_bank_module, "_IVF_MIN_ROWS", 10)
+    monkeypatch.setattr(memory_bank_module, "_IVF_PROBES", 1)
+    model = fitted.variant(search="ivf")
+    messages: list[str] = []
+    approximate = model.score(eval_embeddings, with_maps=False, progress=lambda f, m: messages.append(m))
+    bank = model.memory_bank_
+    assert approximate.search_recall is not None
+    assert approximate.search_recall == bank.search_recall(model.device_, "ivf")
+    assert any(m == f"scoring: approximate search, measured recall@1 {approximate.search_recall:.3f}" for m in messages)
+    # Plain distances (no soft weights, which differ between rows): a missed neighbour only raises a score.
+    plain = fitted.variant(soft_weight=False).score(eval_embeddings, with_maps=False).patch_scores
+    plain_approximate = model.variant(soft_weight=False).score(eval_embeddings, with_maps=False).patch_scores
+    assert np.all(plain_approximate >= plain - 1e-5) and np.any(plain_approximate > plain + 1e-5)

@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from softpatch.method import search as search_module
-from softpatch.method.search import BoundedSearch, ExhaustiveSearch, exhaustive_search_torch
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch, IVFSearch, exhaustive_search_torch
 
 CPU = torch.device("cpu")
 
@@ -163,3 +163,81 @@ def test_dims_that_do_not_fit_the_features_are_skipped() -> None:
     search = BoundedSearch(4, (32, 64)).fit(bank)  # 12-d rows: neither fits, so the full search runs
     _assert_exact(search.search(queries), bank, queries)
     assert search.dim_ == 0
+
+
+# ---------------------------------------------------------------------------------------------- at scale
+def test_query_blocks_shrink_with_the_bank_so_a_block_stays_bounded() -> None:
+    assert search_module.query_block(1000) == search_module.query_block(65536) == 4096
+    assert search_module.query_block(1_000_000) == 4096 * 65536 // 1_000_000
+    assert search_module.query_block(10**12) == 1
+    for rows in (65536, 1_000_000, 3_000_000):
+        assert search_module.query_block(rows) * rows <= search_module._SEARCH_CELLS
+
+
+def test_torch_search_with_cell_bounded_blocks_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(13)
+    bank, queries = _tensor(rng.normal(size=(500, 16))), _tensor(rng.normal(size=(300, 16)))
+    whole = exhaustive_search_torch(bank, queries, CPU)
+    monkeypatch.setattr(search_module, "_SEARCH_CELLS", 500 * 3)  # 3 queries per block
+    assert search_module.query_block(500) == 3
+    blocked = exhaustive_search_torch(bank, queries, CPU)
+    assert torch.equal(whole.index, blocked.index) and torch.equal(whole.distance, blocked.distance)
+    assert whole.recall is None, "an exact search reports no recall"
+
+
+def test_choosing_dims_in_row_blocks_picks_the_same_dim(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank, queries = _structured(3000, 128, rank=20, seed=14)
+    whole = BoundedSearch(4, (8, 16, 32)).fit(bank, calibration=queries)
+    monkeypatch.setattr(search_module, "_CHOOSE_BLOCK_CELLS", 128 * 100)  # 100 bank rows per block
+    blocked = BoundedSearch(4, (8, 16, 32)).fit(bank, calibration=queries)
+    assert whole.dim_ == blocked.dim_ != 0
+    _assert_exact(blocked.search(queries), bank, queries)
+
+
+def _ivf_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bank, queries = _structured(6000, 32, rank=12, seed=15)
+    held_out, _ = _structured(300, 32, rank=12, seed=16)
+    return bank, queries, held_out
+
+
+def test_ivf_recall_is_measured_on_held_out_patches_and_equals_a_recomputation() -> None:
+    bank, queries, held_out = _ivf_case()
+    search = IVFSearch(2, lists=64).fit(bank, calibration=held_out)
+    found = search.search(held_out)
+    truth, _ = _truth(bank, held_out)
+    recomputed = float(np.mean(found.distance.numpy() <= truth * (1 + 1e-5) + 1e-5))
+    assert search.recall_ == pytest.approx(recomputed, abs=1e-12) and search.recall_queries_ == 300
+    assert 0.0 < search.recall_ < 1.0, "2 of 64 cells: some nearest rows are missed, and the recall says so"
+    assert found.recall == search.recall_ and search.search(queries).recall == search.recall_
+    # Where it misses, the row found is farther: scores can only rise.
+    assert np.all(found.distance.numpy() >= truth - 1e-4)
+    chosen = (bank[found.index] - held_out).norm(dim=1)
+    torch.testing.assert_close(chosen, found.distance)
+
+
+def test_ivf_probing_every_cell_is_exact_with_recall_one() -> None:
+    bank, queries, held_out = _ivf_case()
+    search = IVFSearch(64, lists=64).fit(bank, calibration=held_out)
+    assert search.recall_ == 1.0
+    _assert_exact(search.search(queries), bank, queries)
+
+
+def test_ivf_without_held_out_patches_measures_recall_on_its_first_queries() -> None:
+    bank, queries, _ = _ivf_case()
+    search = IVFSearch(2, lists=64).fit(bank)
+    assert search.recall_ is None
+    match = search.search(queries)
+    truth, _ = _truth(bank, queries)
+    assert match.recall == pytest.approx(float(np.mean(match.distance.numpy() <= truth * (1 + 1e-5) + 1e-5)))
+    assert search.recall_queries_ == queries.shape[0]
+
+
+def test_ivf_is_seeded_and_refuses_use_before_fit() -> None:
+    bank, queries, held_out = _ivf_case()
+    first = IVFSearch(4, lists=32, seed=3).fit(bank, calibration=held_out)
+    second = IVFSearch(4, lists=32, seed=3).fit(bank, calibration=held_out)
+    assert torch.equal(first.search(queries).index, second.search(queries).index) and first.recall_ == second.recall_
+    with pytest.raises(RuntimeError, match="not fitted"):
+        IVFSearch(2).search(queries)
+    with pytest.raises(ValueError, match="lists"):
+        IVFSearch(2, lists=10_000).fit(bank)

@@ -8,9 +8,12 @@ import numpy as np
 import torch
 
 from softpatch.config import SEARCH_METHODS
-from softpatch.method.search import BoundedSearch, ExhaustiveSearch, NeighbourMatch, exhaustive_search_torch
+from softpatch.method.coreset import CoresetPlan
+from softpatch.method.search import BoundedSearch, ExhaustiveSearch, IVFSearch, NeighbourMatch, exhaustive_search_torch
 
 __all__ = ["MemoryBank", "NeighbourMatch"]
+
+SearchIndex = ExhaustiveSearch | BoundedSearch | IVFSearch
 
 # Bounded search settings. The number of principal directions is picked per bank from these on the
 # first search (random-init wide_resnet50_2 features: 64; real MobileNet features: 256); with 8
@@ -19,6 +22,10 @@ _BOUND_DIMS = (32, 64, 128, 256, 384)
 _BOUND_CANDIDATES = 8
 # Below this many rows a full search is cheap and the bound's set-up would not pay for itself.
 _BOUNDED_MIN_ROWS = 4096
+# The approximate IVF search is used from this many rows on (below, "ivf" runs the exact bounded search),
+# probing this many of its sqrt(rows) cells: about 3% of a million-row bank per query.
+_IVF_MIN_ROWS = 262_144
+_IVF_PROBES = 32
 
 
 @dataclass
@@ -27,12 +34,14 @@ class MemoryBank:
 
     ``features`` ``(M, D)`` float32; ``weights`` ``(M,)`` soft weights (1 where soft weighting is off);
     ``provenance`` ``(M, 3)`` int64: source training image, row and column on the patch grid.
+    ``coreset_plan``: how the rows were chosen (None when not known, e.g. a bank from a bundle).
     """
 
     features: torch.Tensor
     weights: torch.Tensor
     provenance: np.ndarray
-    _indexes: dict[str, ExhaustiveSearch | BoundedSearch] = field(default_factory=dict, repr=False)
+    coreset_plan: CoresetPlan | None = None
+    _indexes: dict[str, SearchIndex] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         m = self.features.shape[0]
@@ -45,12 +54,26 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def search(self, queries: torch.Tensor, device: torch.device, *, method: str) -> NeighbourMatch:
-        """Nearest bank row of each ``(Q, D)`` query. Every method is exact.
+    @property
+    def capped_from(self) -> int | None:
+        """The number of rows the coreset ratio asked for when the memory budget cut the bank; else None."""
+        plan = self.coreset_plan
+        return plan.requested_rows if plan is not None and plan.capped else None
 
-        On CUDA: blocked torch matrix products. On CPU, ``method`` "bounded" prunes with a lower bound
+    def search_recall(self, device: torch.device, method: str) -> float | None:
+        """The measured recall@1 of the search ``search`` runs for ``method`` on ``device``; None when it is exact
+        (or not measured yet: an IVF index without held-out patches measures it on its first search)."""
+        index = self.prepare_search(device, method)
+        return index.recall_ if isinstance(index, IVFSearch) else None
+
+    def search(self, queries: torch.Tensor, device: torch.device, *, method: str) -> NeighbourMatch:
+        """Nearest bank row of each ``(Q, D)`` query.
+
+        On CUDA: blocked torch matrix products, exact. On CPU, ``method`` "bounded" prunes with a lower bound
         (``softpatch.method.search.BoundedSearch``, several times faster on large banks) and "exhaustive"
-        compares every pair (faiss). The index is built on first use and kept with the bank.
+        compares every pair (faiss), both exact; "ivf" is approximate from ``_IVF_MIN_ROWS`` rows on
+        (``IVFSearch``; its result's ``recall`` says how often it finds the nearest row) and the bounded
+        search below. The index is built on first use and kept with the bank.
         """
         if len(self) == 0:
             raise ValueError("the memory bank is empty: every patch was removed (lower tau)")
@@ -61,22 +84,25 @@ class MemoryBank:
 
     def prepare_search(
         self, device: torch.device, method: str, calibration: torch.Tensor | None = None
-    ) -> ExhaustiveSearch | BoundedSearch | None:
+    ) -> SearchIndex | None:
         """Build (once) and return the CPU index that ``search`` will use; None on CUDA, which needs none.
 
-        ``calibration`` ``(n, D)``: patches like future queries, on which the bounded search tunes itself
-        now rather than on the first search.
+        ``calibration`` ``(n, D)``: held-out patches like future queries, on which the bounded search tunes
+        itself and the IVF search measures its recall now rather than on the first search.
         """
         if method not in SEARCH_METHODS:
             raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
         if device.type == "cuda" or len(self) == 0:
             return None
+        if method == "ivf" and len(self) < _IVF_MIN_ROWS:
+            method = "bounded"
         if method == "bounded" and len(self) < _BOUNDED_MIN_ROWS:
             method = "exhaustive"
         index = self._indexes.get(method)
         if index is None:
-            bounded = method == "bounded"
-            if bounded:
+            if method == "ivf":
+                index = IVFSearch(_IVF_PROBES).fit(self.features, calibration=calibration)
+            elif method == "bounded":
                 index = BoundedSearch(_BOUND_CANDIDATES, _BOUND_DIMS).fit(self.features, calibration=calibration)
             else:
                 index = ExhaustiveSearch().fit(self.features)

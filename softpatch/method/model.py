@@ -26,7 +26,14 @@ from softpatch.io.feature_store import DiskArray, FeatureStore
 from softpatch.io.images import ImageTransform, load_image
 from softpatch.method.anomaly_map import anomaly_maps
 from softpatch.method.contamination import AUTO, choose_settings
-from softpatch.method.coreset import projection_matrix, random_projection, select_coreset
+from softpatch.method.coreset import (
+    BANK_VALUE_BYTES,
+    CoresetPlan,
+    plan_coreset,
+    projection_matrix,
+    random_projection,
+    select_rows,
+)
 from softpatch.method.denoise import image_suspicion, select_removed, soft_weights
 from softpatch.method.discriminators import (
     DISCRIMINATORS,
@@ -94,6 +101,7 @@ class ScoreResult:
     anomaly_maps: np.ndarray | None  # (n, crop, crop) upsampled and blurred patch scores
     names: list[str]
     sizes: list[tuple[int, int]]  # original (width, height), for mapping maps back onto the images
+    search_recall: float | None = None  # None: exact nearest neighbours; else the approximate search's recall@1
 
 
 @dataclass(frozen=True)
@@ -554,7 +562,17 @@ class SoftPatch:
 
     def _bank_settings(self, config: SoftPatchConfig | None = None) -> tuple:
         c = config or self.config
-        return (self._denoising_key(c), c.soft_weight, c.coreset, c.coreset_ratio, c.projection_dim, c.seed)
+        return (
+            self._denoising_key(c),
+            c.soft_weight,
+            c.coreset,
+            c.coreset_ratio,
+            c.projection_dim,
+            c.seed,
+            c.coreset_exact_rows,
+            c.coreset_block_rows,
+            c.bank_budget_mb,
+        )
 
     def build_memory_bank(self, progress: ProgressCallback | None = None) -> MemoryBank:
         """The memory bank for the current settings: denoised, coreset-sampled, soft-weighted. Cached."""
@@ -568,36 +586,38 @@ class SoftPatch:
         if kept.size == 0:
             raise SoftPatchError("every training patch was removed: lower tau")
         c = self.config
-        selection_key = (
-            hashlib.sha256(removed.tobytes()).hexdigest(),
-            c.coreset,
-            c.coreset_ratio,
-            c.projection_dim,
-            c.seed,
+        plan = plan_coreset(
+            kept.size,
+            method=c.coreset,
+            ratio=c.coreset_ratio,
+            row_bytes=BANK_VALUE_BYTES * state.features.shape[-1],
+            budget_bytes=c.bank_budget_mb * 1024**2,
+            exact_rows=c.coreset_exact_rows,
+            block_rows=c.coreset_block_rows,
         )
+        if plan.capped:
+            message = _capped_message(plan, state.features.shape[-1], c)
+            warnings.warn(message, stacklevel=2)
+            report(progress, 0.0, f"coreset: {message}")
+        if plan.method == "blocked":
+            report(
+                progress,
+                0.0,
+                f"coreset: {plan.kept:,} kept patches, more than {c.coreset_exact_rows:,}: greedy k-centre on "
+                f"{plan.blocks} random blocks",
+            )
+        # The plan, not the settings behind it: settings that lead to the same plan share one selection.
+        selection_key = (hashlib.sha256(removed.tobytes()).hexdigest(), plan, c.projection_dim, c.seed)
         chosen = state.coresets.get(selection_key)
         if chosen is None:
-            if c.coreset == "greedy" and c.coreset_ratio < 1.0:
+            projected = None
+            if plan.method in ("greedy", "blocked"):
                 projected = state.projections.get((c.projection_dim, c.seed))
                 if projected is None:
                     report(progress, 0.0, "coreset: projecting patches")
                     projected = _project(state.features, c.projection_dim, c.seed)
                     state.projections[(c.projection_dim, c.seed)] = projected
-                source = torch.from_numpy(projected[kept])
-                # Already projected: the sampler's own projection would be the identity here.
-                local = select_coreset(
-                    source,
-                    method="greedy",
-                    ratio=c.coreset_ratio,
-                    projection_dim=source.shape[1],
-                    seed=c.seed,
-                    progress=progress,
-                )
-            else:
-                local = select_coreset(
-                    torch.empty(kept.size, 0), method=c.coreset, ratio=c.coreset_ratio, projection_dim=0, seed=c.seed
-                )
-            chosen = kept[local]
+            chosen = select_rows(projected, kept, plan, seed=c.seed, progress=progress)
             state.coresets[selection_key] = chosen
         if c.soft_weight and denoises(self._discriminator(), len(state.names)):
             weights = torch.from_numpy(soft_weights(scores).reshape(-1)[chosen])
@@ -606,7 +626,9 @@ class SoftPatch:
         p = self.grid_shape_[0] * self.grid_shape_[1]
         positions = chosen % p
         provenance = np.stack([chosen // p, positions // self.grid_shape_[1], positions % self.grid_shape_[1]], axis=1)
-        bank = MemoryBank(_gather(state.features, chosen), weights.float(), provenance.astype(np.int64))
+        bank = MemoryBank(
+            _gather(state.features, chosen), weights.float(), provenance.astype(np.int64), coreset_plan=plan
+        )
         # Part of a ready bank, so the first score() is not slower. Kept patches that the coreset left
         # out are nominal patches like most test patches: the search tunes itself on a sample of them.
         left_out = np.setdiff1d(kept, chosen, assume_unique=True)
@@ -641,9 +663,13 @@ class SoftPatch:
         # Small search calls, each followed by a message: progress never waits long on a slow or busy machine.
         step = max(1, _SCORING_PATCHES_PER_STEP // max(p, 1))
         report(progress, 0.0, f"scoring: nearest-neighbour search, 0/{n} images")
+        recall = None
         for start in range(0, n, step):
             stop = min(n, start + step)
             match = bank.search(embeddings.features[start:stop].reshape(-1, d), self.device_, method=self.config.search)
+            if match.recall is not None and recall is None:
+                recall = match.recall
+                report(progress, start / n, f"scoring: approximate search, measured recall@1 {recall:.3f}")
             weighted = bank.weights[match.index] * match.distance
             patch_scores[start:stop] = weighted.reshape(stop - start, p)
             report(progress, stop / n, f"scoring: nearest-neighbour search, {stop}/{n} images")
@@ -662,6 +688,7 @@ class SoftPatch:
             anomaly_maps=maps,
             names=embeddings.names,
             sizes=embeddings.sizes,
+            search_recall=recall,
         )
 
     # ------------------------------------------------------------------ what the app shows
@@ -803,6 +830,16 @@ def _project(features: FeatureSource, dim: int, seed: int) -> np.ndarray | DiskA
         block = features.read_images(start, stop).reshape(-1, d)
         out.write(start * p, (block @ matrix if matrix is not None else block).numpy())
     return out
+
+
+def _capped_message(plan: CoresetPlan, feature_dim: int, config: SoftPatchConfig) -> str:
+    """The sentence that tells the user the memory budget cut the bank, with both sizes."""
+    mb = BANK_VALUE_BYTES * feature_dim / 1024**2
+    return (
+        f"memory bank capped at {plan.rows:,} patches ({plan.rows * mb:,.0f} MB, the bank_budget_mb setting of "
+        f"{config.bank_budget_mb:,}); coreset ratio {config.coreset_ratio:g} of {plan.kept:,} kept patches asks for "
+        f"{plan.requested_rows:,} ({plan.requested_rows * mb:,.0f} MB)"
+    )
 
 
 def _check_memory(estimate: MemoryEstimate) -> None:

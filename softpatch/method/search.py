@@ -1,11 +1,14 @@
-"""Nearest-neighbour search over the memory bank: exhaustive (faiss on CPU, torch on CUDA) and bounded.
+"""Nearest-neighbour search over the memory bank: exhaustive (faiss on CPU, torch on CUDA), bounded, and IVF.
 
 The bounded search is exact too. It is what makes CPU scoring fast: most bank rows are ruled out by a
 cheap lower bound on their distance, and only a handful per query are compared in full dimension.
+The IVF search (``IVFSearch``) is the one approximate search, for banks of millions of rows: it reports
+its recall@1 against the exact search, measured on held-out patches, with every answer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,11 @@ import torch
 # (queries x D) gathers of the re-ranking to a few hundred MB.
 _QUERY_BLOCK = 4096
 _RERANK_BLOCK = 256
+# Most cells of one (queries x bank) block of the torch search: 1 GiB of float32, whatever the bank's size
+# (full 4096-query blocks up to 65,536 bank rows, fewer queries per block beyond).
+_SEARCH_CELLS = 4096 * 65536
+# Bank rows per block while the bounded search scores its candidate dims: about 64 MB of rotated rows.
+_CHOOSE_BLOCK_CELLS = 16 * 1024**2
 # Queries the bound leaves unproven are retried with this many times more candidates before the full search.
 _WIDER_FACTOR = 8
 # Rows used to estimate the principal directions; any orthonormal basis keeps the search exact,
@@ -39,6 +47,12 @@ class NeighbourMatch:
 
     distance: torch.Tensor  # (Q,) plain L2 distance ||p - m*||, never squared
     index: torch.Tensor  # (Q,) row of m* in the bank
+    recall: float | None = None  # None: exact; else the approximate search's measured recall@1 (0..1)
+
+
+def query_block(bank_rows: int) -> int:
+    """Queries per block of the torch search for a bank of ``bank_rows``: at most ``_SEARCH_CELLS`` cells."""
+    return max(1, min(_QUERY_BLOCK, _SEARCH_CELLS // max(1, bank_rows)))
 
 
 def exhaustive_search_torch(bank: torch.Tensor, queries: torch.Tensor, device: torch.device) -> NeighbourMatch:
@@ -46,8 +60,9 @@ def exhaustive_search_torch(bank: torch.Tensor, queries: torch.Tensor, device: t
     bank = bank.to(device)
     bank_sq = bank.square().sum(1)
     distances, indices = [], []
-    for start in range(0, queries.shape[0], _QUERY_BLOCK):
-        q = queries[start : start + _QUERY_BLOCK].to(device).float()
+    block = query_block(bank.shape[0])
+    for start in range(0, queries.shape[0], block):
+        q = queries[start : start + block].to(device).float()
         squared = q.square().sum(1, keepdim=True) + bank_sq.unsqueeze(0) - 2.0 * (q @ bank.T)
         where = squared.argmin(dim=1)
         # Recompute the winner's distance directly: the expanded form loses precision near zero.
@@ -158,19 +173,26 @@ class BoundedSearch:
         m, d_full = self.bank_.shape
         n = max(1, min(_CALIBRATION_QUERIES, queries.shape[0], _CALIBRATION_CELLS // m))
         sample = queries[torch.linspace(0, queries.shape[0] - 1, n).long()].float()
-        # Everything in the full rotated basis once: each dim's bound coordinates are slices of it, and
-        # tail sums of squares give every residual norm without cancellation.
-        rotated_bank = (self.bank_ - self.mean_) @ self.rotation_
+        usable = [dim for dim in self.dims if dim < d_full - 1]
+        widest = max(usable, default=0)
+        # In the full rotated basis: each dim's bound coordinates are slices of it, and tail sums of squares
+        # give every residual norm without cancellation. The bank is rotated in row blocks and only the
+        # columns that some dim uses are kept: memory about (widest + len(dims)) floats per bank row.
+        rotated_bank = torch.empty(m, widest)
+        tail_bank = torch.empty(m, len(usable))
+        rows_per_block = max(1, _CHOOSE_BLOCK_CELLS // d_full)
+        for start in range(0, m, rows_per_block):
+            rotated = (self.bank_[start : start + rows_per_block] - self.mean_) @ self.rotation_
+            rotated_bank[start : start + rows_per_block] = rotated[:, :widest]
+            tail = rotated.square().flip(1).cumsum(1).flip(1)  # [:, j]: squared norm from direction j on
+            tail_bank[start : start + rows_per_block] = tail[:, usable]
         rotated_sample = (sample - self.mean_) @ self.rotation_
-        tail_bank = rotated_bank.square().flip(1).cumsum(1).flip(1)  # [:, j]: squared norm from direction j on
         tail_sample = rotated_sample.square().flip(1).cumsum(1).flip(1)
         exact_sq = torch.cdist(sample, self.bank_).square()  # (n, M)
         wide = min(self.candidates * _WIDER_FACTOR, m - 1)
         best_dim, best_cost = 0, float(d_full * m)  # the exhaustive search
-        for dim in self.dims:
-            if dim >= d_full - 1:
-                continue
-            coords_bank = torch.cat([rotated_bank[:, :dim], tail_bank[:, dim : dim + 1].sqrt()], dim=1)
+        for column, dim in enumerate(usable):
+            coords_bank = torch.cat([rotated_bank[:, :dim], tail_bank[:, column : column + 1].sqrt()], dim=1)
             coords_sample = torch.cat([rotated_sample[:, :dim], tail_sample[:, dim : dim + 1].sqrt()], dim=1)
             index = faiss.IndexFlatL2(dim + 1)
             index.add(coords_bank.contiguous().numpy())
@@ -251,3 +273,89 @@ class BoundedSearch:
         slack = _ROUNDING_SLACK * (bound_q.square().sum(1) + self.max_bound_norm_sq_)
         proven = best_sq <= torch.from_numpy(bound_sq[:, candidates]) - slack
         return best_sq.sqrt(), best_row, proven
+
+
+# A found row counts as the nearest when it is no farther than the exact nearest, up to float rounding.
+_RECALL_TOLERANCE = 1e-5
+# Queries of the first search on which an IVF index without held-out patches measures its recall.
+_RECALL_QUERIES = 1024
+
+
+def recall_at_1(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Share of queries whose ``found`` ``(Q,)`` distance equals the ``exact`` nearest distance (ties count as found)."""
+    if exact.numel() == 0:
+        return 1.0
+    hit = found <= exact * (1.0 + _RECALL_TOLERANCE) + _RECALL_TOLERANCE
+    return float(hit.double().mean())
+
+
+class IVFSearch:
+    """Approximate nearest-neighbour search for banks of millions of rows (faiss ``IndexIVFFlat``).
+
+    The bank is clustered into ``lists`` cells by k-means on a seeded sample of ``lists x train_per_list``
+    rows; a query is compared with the rows of its ``probes`` nearest cells only. The answer may miss the
+    true nearest row, and then the distance is larger (the score too): ``recall_`` is the measured share
+    of queries that get the exact nearest distance (recall@1), on ``calibration`` held-out patches at fit,
+    or else on a sample of the first search's queries. Every result carries it.
+    Memory: the index holds a copy of the bank.
+    """
+
+    def __init__(self, probes: int, *, lists: int | None = None, train_per_list: int = 40, seed: int = 0) -> None:
+        self.probes = probes
+        self.lists = lists
+        self.train_per_list = train_per_list
+        self.seed = seed
+
+    def fit(self, bank: torch.Tensor, *, calibration: torch.Tensor | None = None) -> IVFSearch:
+        """Index ``bank`` ``(M, D)`` float32; measure the recall on ``calibration`` ``(n, D)`` when given."""
+        import faiss
+
+        bank = bank.detach().cpu().float().contiguous()
+        m, d = bank.shape
+        lists = self.lists or max(1, round(math.sqrt(m)))
+        if not 1 <= lists <= m:
+            raise ValueError(f"an IVF index of {m} rows needs 1 to {m} lists, got {lists}")
+        self.bank_ = bank
+        self.lists_ = lists
+        train_rows = min(m, lists * self.train_per_list)
+        sample = np.sort(np.random.default_rng(self.seed).choice(m, size=train_rows, replace=False))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_L2)
+        index.cp.seed = self.seed
+        index.train(np.ascontiguousarray(bank[torch.from_numpy(sample)].numpy()))
+        index.add(bank.numpy())
+        index.nprobe = min(self.probes, lists)
+        self.quantizer_, self.index_ = quantizer, index  # the index refers to its quantizer: keep both
+        self.recall_: float | None = None
+        self.recall_queries_ = 0
+        if calibration is not None and calibration.shape[0] > 0:
+            self._measure_recall(calibration.detach().cpu().float())
+        return self
+
+    def _measure_recall(self, queries: torch.Tensor) -> None:
+        found = self._search_ivf(queries)
+        exact = exhaustive_search_torch(self.bank_, queries, torch.device("cpu"))
+        self.recall_ = recall_at_1(found.distance, exact.distance)
+        self.recall_queries_ = queries.shape[0]
+
+    def _search_ivf(self, queries: torch.Tensor) -> NeighbourMatch:
+        _, index = self.index_.search(np.ascontiguousarray(queries.numpy()), 1)
+        rows = torch.from_numpy(index[:, 0].astype(np.int64))
+        # faiss answers -1 where the probed cells hold no row: the first row stands in, measured like any other.
+        rows[rows < 0] = 0
+        distance = torch.empty(queries.shape[0])
+        for start in range(0, queries.shape[0], _QUERY_BLOCK):
+            part = slice(start, start + _QUERY_BLOCK)
+            distance[part] = (queries[part] - self.bank_[rows[part]]).norm(dim=1)
+        return NeighbourMatch(distance, rows)
+
+    def search(self, queries: torch.Tensor) -> NeighbourMatch:
+        """Approximate nearest bank row of each ``(Q, D)`` query, plain L2 distances, with ``recall_``."""
+        if not hasattr(self, "index_"):
+            raise RuntimeError("IVFSearch is not fitted: call fit(bank) first")
+        queries = queries.detach().cpu().float()
+        if self.recall_ is None and queries.shape[0] > 0:
+            n = min(_RECALL_QUERIES, queries.shape[0])
+            self._measure_recall(queries[torch.linspace(0, queries.shape[0] - 1, n).long()])
+        match = self._search_ivf(queries)
+        return NeighbourMatch(match.distance, match.index, recall=self.recall_)
