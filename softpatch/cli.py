@@ -31,6 +31,7 @@ _BACKBONE_GROUP = (
     "precision",
     "batch_size",
     "device",
+    "threads",
 )
 _DENOISE_GROUP = (
     "discriminator",

@@ -7,7 +7,6 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -49,6 +48,7 @@ from softpatch.runtime.resources import (
     estimate_fit_memory,
     work_budget,
 )
+from softpatch.runtime.threads import decode_pool, decode_workers
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.io.datasets
 
@@ -667,13 +667,15 @@ def _load_batches(
 ) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
     """Decoded, transformed batches, decoding the next batch in threads while the current one runs."""
 
+    workers = decode_workers()  # read here: the prefetch thread does not see the caller's thread bound
+
     def prepare(chunk: Sequence[ImageInput]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        with decode_pool(workers) as pool:
             decoded = list(pool.map(_load_one, chunk))
         return torch.stack([transform(img) for img in decoded]), [img.size for img in decoded]
 
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
+    with decode_pool(1) as prefetch:
         pending = prefetch.submit(prepare, chunks[0]) if chunks else None
         for i in range(len(chunks)):
             current = pending.result()
