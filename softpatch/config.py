@@ -220,6 +220,15 @@ class SoftPatchConfig:
         low=1,
         choices=_fusion_members,
     )
+    neighbour_reference: int = _setting(
+        1024,
+        help="images each patch is compared with at its position: all of them up to this many, else a seeded "
+        "sample of this many (cost linear in the images)",
+        kind="int",
+        role="retune",
+        low=2,
+        high=1_000_000,
+    )
     tau: float = _setting(
         0.15,
         help="share of patches removed as noise (highest outlier scores)",

@@ -8,13 +8,19 @@ likely noise. Discriminators are pure functions over a chunk of positions, looke
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
+import numpy as np
 import torch
 
+from softpatch.io.feature_store import DiskArray
 from softpatch.runtime.chunking import run_in_chunks
 from softpatch.runtime.progress import ProgressCallback, report
 
@@ -26,6 +32,30 @@ _LRD_EPS = 1e-10
 # patches (uniform backgrounds, padding) otherwise get a density of 1e10 and their neighbours LOFs of
 # that order; points in general position never come near the floor, so there LOF equals sklearn's.
 _REACH_FLOOR = 0.05
+# Eigenvalues below this share of the largest are treated as zero when scoring points outside the fit set.
+_EIG_FLOOR = 1e-10
+
+if TYPE_CHECKING:
+    from softpatch.io.feature_store import FeatureStore
+
+# Training features (N, P, D): in memory, or in an on-disk store read by chunks of positions.
+FeatureSource = Union[torch.Tensor, "FeatureStore"]
+
+
+def position_block(features: FeatureSource, start: int, stop: int) -> torch.Tensor:
+    """Positions ``start .. stop`` of all images of ``features`` ``(N, P, D)``: ``(stop - start, N, D)`` float32."""
+    if isinstance(features, torch.Tensor):
+        return features[:, start:stop].transpose(0, 1).float()
+    return features.read_positions(start, stop)
+
+
+def reference_images(n_images: int, reference_size: int, seed: int) -> np.ndarray | None:
+    """The images every patch is compared with when there are more than ``reference_size``: a seeded sample
+    of that many (sorted image indices); None (all images, the exact search) otherwise."""
+    if n_images <= reference_size:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_images, size=reference_size, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,7 @@ class PositionChunk:
     features: torch.Tensor | None  # (Pc, N, D), only for discriminators that need features
     knn_dist: torch.Tensor  # (Pc, N, K) ascending distances to the K nearest other images' patches
     knn_index: torch.Tensor  # (Pc, N, K) their image indices
+    reference: torch.Tensor | None = None  # (R,) images the position's statistics come from; None = all
 
 
 ScoreFunction = Callable[[PositionChunk, DiscriminatorParams], torch.Tensor]
@@ -74,6 +105,8 @@ def gaussian_scores(chunk: PositionChunk, params: DiscriminatorParams) -> torch.
     x = chunk.features
     assert x is not None
     x = x.double()  # eigen-decompositions of near-singular Gram matrices need the headroom
+    if chunk.reference is not None:
+        return _gaussian_scores_from_reference(x, chunk.reference, params.gaussian_reg)
     n, d = x.shape[1], x.shape[2]
     centred = x - x.mean(dim=1, keepdim=True)
     dof = max(n - 1, 1)
@@ -92,6 +125,42 @@ def gaussian_scores(chunk: PositionChunk, params: DiscriminatorParams) -> torch.
         cov = cov + ridge[:, None, None] * torch.eye(d, dtype=cov.dtype, device=cov.device)
         chol = torch.linalg.cholesky(cov)
         solved = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False)  # (Pc, D, N)
+        squared = solved.square().sum(1)
+    return squared.clamp_min(0).sqrt().float()
+
+
+def _gaussian_scores_from_reference(x: torch.Tensor, reference: torch.Tensor, gaussian_reg: float) -> torch.Tensor:
+    """``gaussian_scores`` with the mean and covariance estimated on the ``reference`` images only.
+
+    ``x``: ``(Pc, N, D)`` float64. Every image is scored against the reference Gaussian; for the reference
+    images themselves this is the same distance as ``gaussian_scores`` on the reference set alone. With
+    fewer reference images than dimensions, the covariance's eigenvectors come from the R x R Gram
+    matrix; a point's component outside their span is weighted by the ridge alone.
+    """
+    fit = x[:, reference]
+    r, d = fit.shape[1], fit.shape[2]
+    mean = fit.mean(dim=1, keepdim=True)
+    centred_fit = fit - mean
+    centred = x - mean
+    dof = max(r - 1, 1)
+    if r <= d:
+        eigvals, eigvecs = torch.linalg.eigh(centred_fit @ centred_fit.transpose(1, 2))  # (Pc, R), (Pc, R, R)
+        eigvals = eigvals.clamp_min(0)
+        ridge = (gaussian_reg * eigvals.sum(-1, keepdim=True) / (dof * d)).clamp_min(1e-12)  # (Pc, 1)
+        # Coordinates along the covariance eigenvectors v_j = X^T u_j / s_j: (y . v_j) = (y X^T u_j) / s_j.
+        coords = (centred @ centred_fit.transpose(1, 2)) @ eigvecs  # (Pc, N, R), times s_j
+        valid = eigvals > _EIG_FLOOR * eigvals.amax(-1, keepdim=True)
+        inv = torch.where(valid, 1.0 / eigvals.clamp_min(1e-300), torch.zeros_like(eigvals))
+        along = coords.square() * inv.unsqueeze(1)  # (Pc, N, R): squared coordinates
+        in_span = (along / (eigvals / dof + ridge).unsqueeze(1)).sum(-1)
+        outside = (centred.square().sum(-1) - along.sum(-1)).clamp_min(0)
+        squared = in_span + outside / ridge
+    else:
+        cov = centred_fit.transpose(1, 2) @ centred_fit / dof
+        ridge = gaussian_reg * torch.diagonal(cov, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        cov = cov + ridge[:, None, None] * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        chol = torch.linalg.cholesky(cov)
+        solved = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False)
         squared = solved.square().sum(1)
     return squared.clamp_min(0).sqrt().float()
 
@@ -156,14 +225,39 @@ def needs_features(name: str, params: DiscriminatorParams) -> bool:
 
 @dataclass(frozen=True)
 class NeighbourCache:
-    """The K nearest other-image patches of every patch, per position (computed once per fit)."""
+    """The K nearest other-image patches of every patch, per position (computed once per fit).
 
-    dist: torch.Tensor  # (P, N, K) float32, ascending, CPU
-    index: torch.Tensor  # (P, N, K) int32, CPU
+    In memory (tensors) or, for a fit from a feature store, in two raw files beside the store
+    (``DiskArray``), read by chunks of positions. ``reference``: the images searched among (sorted
+    image indices), or None when every image was searched (exact).
+    """
+
+    dist: torch.Tensor | DiskArray  # (P, N, K) float32, ascending
+    index: torch.Tensor | DiskArray  # (P, N, K) int32 global image indices
+    reference: np.ndarray | None = None
 
     @property
     def k(self) -> int:
         return self.dist.shape[-1]
+
+    def positions(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dist, index)`` at positions ``start .. stop``: ``(Pc, N, K)`` float32 and int32 tensors."""
+        dist, index = self.dist[start:stop], self.index[start:stop]
+        if isinstance(dist, np.ndarray):
+            return torch.from_numpy(dist), torch.from_numpy(index)
+        return dist, index
+
+    def mean_distance(self, k: int) -> np.ndarray:
+        """``(N, P)`` mean distance of every patch to its ``k`` nearest neighbours (k <= K)."""
+        if isinstance(self.dist, torch.Tensor):
+            return self.dist[:, :, :k].mean(-1).T.numpy()
+        p, n, _ = self.dist.shape
+        out = np.empty((n, p), dtype=np.float32)
+        step = max(1, (64 * 1024**2) // max(1, n * self.k * 4))
+        for start in range(0, p, step):
+            stop = min(p, start + step)
+            out[:, start:stop] = self.positions(start, stop)[0][:, :, :k].mean(-1).T.numpy()
+        return out
 
 
 def clamp_lof_k(lof_k: int, n_images: int) -> int:
@@ -195,55 +289,91 @@ def effective_lof_k(lof_k: int, n_images: int) -> int:
     return lof_k
 
 
-def _positions_per_chunk(n_images: int, dim: int, budget_bytes: int, with_features: bool) -> int:
-    per_position = n_images * n_images * 8 + (n_images * dim * 4 if with_features else 0)
+def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features: bool) -> int:
+    """Bytes one position of neighbour or discriminator work takes: ``n_images`` patches against
+    ``n_compared`` (all images, or the reference sample)."""
+    per_position = n_images * n_compared * 8 + (n_images * dim * 4 if with_features else 0)
     if with_features:
-        per_position += min(n_images, dim) ** 2 * 16  # Gram/covariance and eigenvectors in float64
+        per_position += min(n_compared, dim) ** 2 * 16  # Gram/covariance and eigenvectors in float64
+        if n_compared < n_images:  # the reference Gaussian: float64 copies and coordinates of every image
+            per_position += n_images * (dim + 2 * n_compared) * 8
+    return per_position
+
+
+def _positions_per_chunk(
+    n_images: int, dim: int, budget_bytes: int, with_features: bool, n_compared: int | None = None
+) -> int:
+    per_position = position_work_bytes(n_images, n_compared or n_images, dim, with_features)
     return max(1, budget_bytes // max(per_position, 1))
 
 
 def compute_neighbours(
-    features: torch.Tensor,
+    features: FeatureSource,
     k: int,
     *,
     device: torch.device,
     budget_bytes: int,
     progress: ProgressCallback | None = None,
+    reference: np.ndarray | None = None,
+    directory: str | os.PathLike | None = None,
 ) -> NeighbourCache:
     """For every position, the ``k`` nearest patches of *other* images (L2, unsquared).
 
-    ``features``: ``(N, P, D)``. Chunked over positions so that peak memory stays within ``budget_bytes``.
+    ``features``: ``(N, P, D)`` tensor or feature store. ``reference``: sorted image indices to search
+    among (``reference_images``), None for all images (exact); a reference image is never its own
+    neighbour. ``directory``: write the cache there (``DiskArray`` files) instead of keeping it in memory.
+    Chunked over positions so that peak memory stays within ``budget_bytes``.
     """
     n, p, d = features.shape
-    k = max(1, min(k, n - 1))
-    dist_out = torch.empty(p, n, k, dtype=torch.float32)
-    index_out = torch.empty(p, n, k, dtype=torch.int32)
-    step = _positions_per_chunk(n, d, budget_bytes, with_features=True)
+    m = n if reference is None else len(reference)
+    k = max(1, min(k, m - 1))
+    if directory is None:
+        dist_out: torch.Tensor | DiskArray = torch.empty(p, n, k, dtype=torch.float32)
+        index_out: torch.Tensor | DiskArray = torch.empty(p, n, k, dtype=torch.int32)
+    else:
+        tag = f"k{k}" + ("" if reference is None else f"_r{m}_{hashlib.sha256(reference.tobytes()).hexdigest()[:12]}")
+        dist_out = DiskArray.create(Path(directory) / f"neighbours_{tag}_dist.bin", (p, n, k), np.float32)
+        index_out = DiskArray.create(Path(directory) / f"neighbours_{tag}_index.bin", (p, n, k), np.int32)
+    step = _positions_per_chunk(n, d, budget_bytes, with_features=True, n_compared=m)
+    ref = None if reference is None else torch.from_numpy(np.asarray(reference, dtype=np.int64))
 
     def work(start: int, stop: int, device: torch.device) -> None:
-        x = features[:, start:stop].to(device, non_blocking=True).transpose(0, 1).float().contiguous()  # (Pc, N, D)
+        x = position_block(features, start, stop).to(device, non_blocking=True).contiguous()  # (Pc, N, D)
         # Translate each position so that one of its points is the origin: distances are unchanged, but the
         # expanded form |a|^2+|b|^2-2ab no longer cancels a large common component (float32 precision).
         # Elementwise, so the result does not depend on how positions are chunked (a mean would).
         x = x - x[:, :1, :]
         squared_norm = x.square().sum(-1)
-        dist = squared_norm.unsqueeze(2) + squared_norm.unsqueeze(1) - 2 * (x @ x.transpose(1, 2))
-        dist = dist.clamp_min_(0).sqrt_()
-        dist.masked_fill_(torch.eye(n, dtype=torch.bool, device=device), math.inf)  # not its own neighbour
-        values, indices = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
-        dist_out[start:stop] = values.cpu()
-        index_out[start:stop] = indices.to(torch.int32).cpu()
+        if ref is None:
+            dist = squared_norm.unsqueeze(2) + squared_norm.unsqueeze(1) - 2 * (x @ x.transpose(1, 2))
+            dist = dist.clamp_min_(0).sqrt_()
+            dist.masked_fill_(torch.eye(n, dtype=torch.bool, device=device), math.inf)  # not its own neighbour
+            values, indices = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
+        else:
+            r = ref.to(device)
+            dist = squared_norm.unsqueeze(2) + squared_norm[:, r].unsqueeze(1) - 2 * (x @ x[:, r].transpose(1, 2))
+            dist = dist.clamp_min_(0).sqrt_()  # (Pc, N, R)
+            dist[:, r, torch.arange(m, device=device)] = math.inf  # a reference image is not its own neighbour
+            values, local = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
+            indices = r[local]
+        values, indices = values.cpu(), indices.to(torch.int32).cpu()
+        if isinstance(dist_out, torch.Tensor):
+            dist_out[start:stop] = values
+            index_out[start:stop] = indices
+        else:
+            dist_out.write(start, values.numpy())
+            index_out.write(start, indices.numpy())
         report(progress, stop / p, f"discriminator: neighbours at {stop}/{p} positions")
 
     run_in_chunks(p, step, device, work)
-    return NeighbourCache(dist_out, index_out)
+    return NeighbourCache(dist_out, index_out, None if reference is None else np.asarray(reference, dtype=np.int64))
 
 
 def score_patches(
     name: str,
     params: DiscriminatorParams,
     neighbours: NeighbourCache,
-    features: torch.Tensor | None,
+    features: FeatureSource | None,
     *,
     device: torch.device,
     budget_bytes: int,
@@ -251,7 +381,8 @@ def score_patches(
 ) -> torch.Tensor:
     """Run discriminator ``name`` over all positions; returns ``(N, P)`` float32 on CPU, higher = noisier.
 
-    ``features`` (``(N, P, D)``) is needed only when ``needs_features(name, params)``.
+    ``features`` (``(N, P, D)`` tensor or feature store) is needed only when ``needs_features(name, params)``.
+    With a neighbour cache searched among reference images, position statistics (gaussian) come from them.
     """
     discriminator = DISCRIMINATORS[name]
     p, n, _ = neighbours.dist.shape
@@ -261,14 +392,19 @@ def score_patches(
     if params.lof_k > neighbours.k and (name == "lof" or (name == "fusion" and "lof" in params.fusion)):
         raise ValueError(f"lof_k={params.lof_k} exceeds the neighbour cache (k={neighbours.k})")
     dim = features.shape[-1] if features is not None else 1
-    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features)
+    reference = neighbours.reference
+    m = n if reference is None else len(reference)
+    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features, n_compared=m)
     out = torch.empty(n, p, dtype=torch.float32)
+    ref = None if reference is None else torch.from_numpy(reference)
 
     def work(start: int, stop: int, device: torch.device) -> None:
+        knn_dist, knn_index = neighbours.positions(start, stop)
         chunk = PositionChunk(
-            features=features[:, start:stop].to(device).transpose(0, 1) if use_features else None,
-            knn_dist=neighbours.dist[start:stop].to(device),
-            knn_index=neighbours.index[start:stop].to(device),
+            features=position_block(features, start, stop).to(device) if use_features else None,
+            knn_dist=knn_dist.to(device),
+            knn_index=knn_index.to(device),
+            reference=None if ref is None else ref.to(device),
         )
         out[:, start:stop] = discriminator.score(chunk, params).transpose(0, 1).float().cpu()
         report(progress, stop / p, f"discriminator: {name} at {stop}/{p} positions")
