@@ -6,10 +6,10 @@ import copy
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -49,6 +49,12 @@ from softpatch.runtime.resources import (
     work_budget,
 )
 from softpatch.runtime.threads import decode_pool, decode_workers
+
+if TYPE_CHECKING:
+    from softpatch.runtime.distributed import RayCluster
+
+# Computes the per-position neighbour cache: compute_neighbours' signature (a cluster's runs it elsewhere).
+NeighbourSearch = Callable[..., NeighbourCache]
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.io.datasets
 
@@ -172,6 +178,7 @@ class SoftPatch:
         self._state: _TrainingState | None = None
         self._bank: MemoryBank | None = None
         self._bank_key: tuple | None = None
+        self._neighbour_search: NeighbourSearch | None = None
         self.threshold_: float | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -181,27 +188,48 @@ class SoftPatch:
         *,
         build_memory_bank: bool = True,
         progress: ProgressCallback | None = None,
+        cluster: RayCluster | None = None,
     ) -> SoftPatch:
         """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self.
 
         Refuses (``ResourceError``) before reading any image when the fit would not fit in memory.
         ``build_memory_bank=False`` stops after the noise scores, enough for vetting.
+        ``cluster`` (``softpatch.runtime.distributed.RayCluster``): extract the features and search the
+        neighbours on that cluster; the result equals the local fit's. None: this process only.
         """
         if len(images) == 0:
             raise SoftPatchError("no training images to fit on")
         self.device_ = resolve_device(self.config.device)
         grid = self._get_extractor().grid_shape(self.config.crop)
         _check_memory(estimate_fit_memory(self.config, len(images), grid, with_memory_bank=build_memory_bank))
-        embeddings = self.embed(images, progress=progress)
-        return self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
+        if cluster is None:
+            embeddings = self.embed(images, progress=progress)
+            return self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
+        batch_size = self.config.batch_size or default_batch_size(self.device_)
+        distributed = cluster.extract(self, images, batch_size=batch_size, progress=progress)
+        try:
+            return self.fit_embeddings(
+                distributed.embeddings,
+                build_memory_bank=build_memory_bank,
+                progress=progress,
+                neighbour_search=distributed.neighbour_search,
+            )
+        finally:
+            distributed.release()
 
     def fit_embeddings(
-        self, embeddings: Embeddings, *, build_memory_bank: bool = True, progress: ProgressCallback | None = None
+        self,
+        embeddings: Embeddings,
+        *,
+        build_memory_bank: bool = True,
+        progress: ProgressCallback | None = None,
+        neighbour_search: NeighbourSearch | None = None,
     ) -> SoftPatch:
         """Fit on training features from ``embed`` (denoising, coreset, soft weights). Returns self.
 
         ``build_memory_bank=False`` stops after the noise scores (enough for vetting); the bank is then
-        built on first use.
+        built on first use. ``neighbour_search``: what computes the per-position neighbours during this fit
+        (default ``compute_neighbours``, here; a cluster's gives the same result elsewhere).
         """
         if len(embeddings) == 0:
             raise SoftPatchError("no training images to fit on")
@@ -212,7 +240,11 @@ class SoftPatch:
         self._state = _TrainingState(features=embeddings.features, names=embeddings.names, sizes=embeddings.sizes)
         self._invalidate_bank()
         self.threshold_ = None
-        self._ensure_scores(progress)
+        self._neighbour_search = neighbour_search
+        try:
+            self._ensure_scores(progress)
+        finally:
+            self._neighbour_search = None  # later re-tunes search here: the same neighbours
         if build_memory_bank:
             self.build_memory_bank(progress)
         return self
@@ -319,7 +351,7 @@ class SoftPatch:
         grid = extractor.grid_shape(self.config.crop)
         n = len(images)
         _check_memory(estimate_embed_memory(self.config, n, grid))
-        names = [_name_of(img, i) for i, img in enumerate(images)]
+        names = image_names(images)
         out = torch.empty(n, grid[0] * grid[1], self.config.feature_dim, dtype=torch.float32)
         sizes: list[tuple[int, int]] = []
         done = 0
@@ -599,7 +631,8 @@ class SoftPatch:
         n = len(state.names)
         k = neighbour_cache_k(lof_k or self.config.lof_k, n)
         if n >= 2 and state.features is not None and (state.neighbours is None or state.neighbours.k < k):
-            state.neighbours = compute_neighbours(
+            search = self._neighbour_search or compute_neighbours
+            state.neighbours = search(
                 state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
             )
         return state.neighbours
@@ -644,6 +677,11 @@ def _check_memory(estimate: MemoryEstimate) -> None:
     available = available_memory(torch.device("cpu"))
     if estimate.total_bytes > available:
         raise ResourceError(estimate.refusal_message(available))
+
+
+def image_names(images: Sequence[ImageInput]) -> list[str]:
+    """The names ``embed`` gives ``images``: an image's path or file name, else ``image_<index>``."""
+    return [_name_of(image, i) for i, image in enumerate(images)]
 
 
 def _name_of(image: object, index: int) -> str:
