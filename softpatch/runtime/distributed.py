@@ -106,6 +106,21 @@ def _is_this_machine(address: str) -> bool:
     return host in _LOOPBACK_NAMES or host.startswith("127.")
 
 
+def _connected_address(ray) -> str | None:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a client connection has none; nothing to compare then
+        return None
+
+
+def _same_endpoint(current: str, wanted: str) -> bool:
+    """Whether the connected GCS address ``current`` is the ``host:port`` asked for (loopback names alike)."""
+    host, _, port = current.rpartition(":")
+    wanted_host, _, wanted_port = wanted.rpartition(":")
+    loop = {h for h in (host, wanted_host) if h in _LOOPBACK_NAMES or h.startswith("127.")}
+    return port == wanted_port and (host == wanted_host or len(loop) == 2)
+
+
 def _import_ray():
     try:
         import ray
@@ -214,6 +229,12 @@ class RayCluster:
         """Ray, connected to this cluster (reusing a connection this process already has). Returns the module."""
         ray = _import_ray()
         if ray.is_initialized():
+            current = _connected_address(ray)
+            if current is not None and ":" in self.address and not self.address.startswith("ray://"):
+                if not _same_endpoint(current, self.address):
+                    raise ClusterError(
+                        f"this process is already connected to the Ray cluster at {current}, not {self.address}"
+                    )
             return ray
         import softpatch
 
