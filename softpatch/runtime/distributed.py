@@ -343,14 +343,14 @@ def _wait_all(ray, pending: dict):
         for ref in ready:
             try:
                 value = ray.get(ref)
-            except SoftPatchError:
-                raise
             except Exception as exc:  # noqa: BLE001 - a task's error arrives wrapped; one sentence for the user
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, SoftPatchError):
+                # Ray wraps a task's exception with the remote traceback in its text; the cause is the
+                # task's own error (an unreadable image: the same sentence as in the local path).
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, SoftPatchError) and not isinstance(cause, ray.exceptions.RayError):
                     raise type(cause)(str(cause)) from None
-                first = str(cause or exc).strip().splitlines()[-1][:200]
-                raise ClusterError(f"a task on the cluster failed: {first}") from None
+                lines = str(cause).strip().splitlines() or [type(cause).__name__]
+                raise ClusterError(f"a task on the cluster failed: {lines[-1][:200]}") from None
             yield value, pending[ref]
 
 
