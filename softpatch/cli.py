@@ -532,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
+    from softpatch.runtime.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads: see softpatch.runtime.threads
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -540,7 +543,7 @@ def _run(argv: Sequence[str] | None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
-        from softpatch.runtime.threads import job_threads, limit_threads
+        from softpatch.runtime.threads import job_threads, limit_threads  # imports torch
 
         # One job: torch, faiss and image decoding together use the threads asked for (default: the cores
         # this process may use), never one pool of threads per library per core (softpatch.runtime.threads).

@@ -140,3 +140,41 @@ def test_the_cli_runs_its_command_within_the_bound(monkeypatch: pytest.MonkeyPat
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert "threads" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _fresh(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-1000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_cli_asks_for_passive_waiting_before_torch_loads() -> None:
+    code = (
+        "import os, sys\nfrom softpatch.cli import main\n"
+        "main(['--quiet', 'vet', '/no/such/folder'])\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    assert _fresh(code) == "PASSIVE True", "set, and torch loaded after it"
+    assert _fresh(code, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE True", "a user's own policy is kept"
+
+
+def test_passive_waiting_is_not_claimed_once_torch_is_loaded() -> None:
+    code = (
+        "import os, torch\nfrom softpatch.runtime.threads import prefer_passive_waiting\n"
+        "print(prefer_passive_waiting(), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    assert _fresh(code) == "False None"

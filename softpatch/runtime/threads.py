@@ -20,12 +20,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
 
 # Image decoding runs in a small pool next to the backbone; more than this does not decode faster.
 _MAX_DECODE_WORKERS = 4
@@ -61,6 +60,20 @@ def cpu_count() -> int:
     return max(1, cores)
 
 
+def prefer_passive_waiting() -> bool:
+    """Let idle OpenMP threads sleep at once instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless set.
+
+    Read by each OpenMP runtime when it loads (torch's and faiss's), so it only takes effect before torch and
+    faiss are imported: entry points (the CLI, the app) call it first. Spinning threads help a job alone on
+    quiet cores; beside other work they take the time slices the job's late threads need. Returns whether
+    the policy is passive for the runtimes still to load.
+    """
+    if "torch" in sys.modules or "faiss" in sys.modules:
+        return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+
+
 def job_threads(requested: int | None, concurrent_jobs: int = 1) -> int:
     """Threads for one job: ``requested``, or for ``None`` ("auto") the cores shared among ``concurrent_jobs``."""
     if requested is not None:
@@ -78,6 +91,8 @@ def _faiss():
 
 def current_limits() -> ThreadLimits:
     """The calling thread's thread counts now."""
+    import torch
+
     faiss = _faiss()
     bound = _JOB_THREADS.get()
     return ThreadLimits(
@@ -88,6 +103,8 @@ def current_limits() -> ThreadLimits:
 
 
 def _apply(torch_threads: int, faiss_threads: int | None) -> None:
+    import torch
+
     torch.set_num_threads(torch_threads)
     faiss = _faiss()
     if faiss is not None and faiss_threads is not None:
