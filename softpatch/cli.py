@@ -32,6 +32,7 @@ _BACKBONE_GROUP = (
     "precision",
     "batch_size",
     "device",
+    "threads",
 )
 _DENOISE_GROUP = (
     "discriminator",
@@ -211,12 +212,53 @@ def _training_images(path: str) -> list:
     return folder.records
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from softpatch.deployment.bundle import save_bundle
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("past one machine (Ray; pip install 'softpatch[ray]')")
+    group.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="fit on a running Ray cluster: auto (the one started on this machine), HOST:PORT of its head, or "
+        "ray://HOST:PORT; features and neighbours are computed on its workers, the result equals a local fit's "
+        "(default: this machine only, without Ray)",
+    )
+    group.add_argument(
+        "--store-dir",
+        default=None,
+        metavar="DIR",
+        help="with --ray: a folder every node sees at the same path (shared file system), where the fit keeps "
+        "its features while it runs (default: a temporary folder, for a cluster on this machine only)",
+    )
+
+
+def _cluster(args: argparse.Namespace):
+    """The cluster ``--ray`` names (its address checked before anything else runs), or None."""
+    if args.ray is None:
+        if args.store_dir is not None:
+            raise SoftPatchError("--store-dir is where a --ray fit keeps its features: give --ray too")
+        return None
+    from softpatch.runtime.distributed import RayCluster
+
+    return RayCluster(args.ray, store_dir=args.store_dir)
+
+
+def _fit_model(args: argparse.Namespace, records: list, *, build_memory_bank: bool = True):
     from softpatch.method.model import SoftPatch
 
+    cluster = _cluster(args)
+    model = SoftPatch(_config(args))
+    try:
+        return model.fit(records, build_memory_bank=build_memory_bank, progress=_progress(args.quiet), cluster=cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from softpatch.deployment.bundle import save_bundle
+
     records = _training_images(args.train_dir)
-    model = SoftPatch(_config(args)).fit(records, progress=_progress(args.quiet))
+    model = _fit_model(args, records)
     chosen = None
     if args.threshold_fpr is not None:
         from softpatch.evaluation.threshold import threshold_from_good_images
@@ -325,11 +367,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_vet(args: argparse.Namespace) -> int:
     from softpatch.io.csvsafe import write_csv
-    from softpatch.method.model import SoftPatch
 
     records = _training_images(args.train_dir)
     # Vetting needs only features and noise scores; the memory bank is never built.
-    model = SoftPatch(_config(args)).fit(records, build_memory_bank=False, progress=_progress(args.quiet))
+    model = _fit_model(args, records, build_memory_bank=False)
     rows = model.vetting_report().rows()
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as fh:
@@ -432,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(fit)
     _add_denoise_options(fit)
     _add_threshold_options(fit)
+    _add_cluster_options(fit)
     fit.set_defaults(run=_cmd_fit)
 
     score = commands.add_parser("score", help="score images with a saved bundle")
@@ -475,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_backbone_options(vet)
     _add_denoise_options(vet)
+    _add_cluster_options(vet)
     vet.set_defaults(run=_cmd_vet)
 
     bench = commands.add_parser("bench", help="the paper's noisy benchmark on an MVTec-layout dataset")
@@ -508,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
+    from softpatch.runtime.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads: see softpatch.runtime.threads
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -516,7 +562,12 @@ def _run(argv: Sequence[str] | None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
-        return int(args.run(args) or 0)
+        from softpatch.runtime.threads import job_threads, limit_threads  # imports torch
+
+        # One job: torch, faiss and image decoding together use the threads asked for (default: the cores
+        # this process may use), never one pool of threads per library per core (softpatch.runtime.threads).
+        with limit_threads(job_threads(getattr(args, "threads", None))):
+            return int(args.run(args) or 0)
     except SoftPatchError as exc:
         print(_error_line(exc), file=sys.stderr)
         return 2

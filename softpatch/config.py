@@ -316,6 +316,15 @@ class SoftPatchConfig:
         kind="choice",
         choices=SEARCH_METHODS,
     )
+    threads: int | None = _setting(
+        None,
+        help="CPU threads of this job: torch, faiss and image decoding (default: auto, every core this "
+        "process may use, shared among the fits running at once in the app)",
+        kind="int",
+        low=1,
+        high=256,
+        optional=True,
+    )
     seed: int = _setting(
         0,
         help="seeds the coreset and a random init: a fit is reproducible",

@@ -18,6 +18,7 @@ from softpatch.errors import DataError
 from softpatch.evaluation.threshold import DEFAULT_TARGET_FPR
 from softpatch.method.contamination import Advice, advice
 from softpatch.runtime.progress import report as report_progress
+from softpatch.runtime.threads import job_slot
 from softpatch_app.cache import feature_token, file_token, get_extractor
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.settings import APP_CONFIG_SETTINGS, AppSettings
@@ -50,7 +51,9 @@ def fit(session: SessionData, settings: AppSettings, progress=None, *, split: Lo
     extractor = get_extractor(config)  # cached per backbone; WeightsError when weights cannot be had
     records = list(train.records)
     start = time.perf_counter()
-    model = SoftPatch(config, extractor=extractor).fit(records, progress=progress)
+    # Sessions fit at once in this one process: each fit keeps to its share of the cores (threads.job_slot).
+    with job_slot():
+        model = SoftPatch(config, extractor=extractor).fit(records, progress=progress)
     if split is not None:
         session.train = split
         session.data_version += 1
@@ -74,7 +77,8 @@ def retune(session: SessionData, settings: AppSettings, progress=None) -> dict:
     model = session.model
     changes = pending_changes(model, settings)
     if changes:
-        model.retune(progress=progress, **changes)
+        with job_slot():
+            model.retune(progress=progress, **changes)
     session.settings = settings
     return changes
 

@@ -9,11 +9,10 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -64,6 +63,13 @@ from softpatch.runtime.resources import (
     estimate_fit_memory,
     work_budget,
 )
+from softpatch.runtime.threads import decode_pool, decode_workers
+
+if TYPE_CHECKING:
+    from softpatch.runtime.distributed import RayCluster
+
+# Computes the per-position neighbour cache: compute_neighbours' signature (a cluster's runs it elsewhere).
+NeighbourSearch = Callable[..., NeighbourCache]
 
 ImageInput = Union[str, os.PathLike, Image.Image, "ImageRecord"]  # noqa: F821 - ImageRecord from softpatch.io.datasets
 
@@ -196,6 +202,7 @@ class SoftPatch:
         self._state: _TrainingState | None = None
         self._bank: MemoryBank | None = None
         self._bank_key: tuple | None = None
+        self._neighbour_search: NeighbourSearch | None = None
         self.threshold_: float | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -207,6 +214,7 @@ class SoftPatch:
         progress: ProgressCallback | None = None,
         feature_directory: str | os.PathLike | None = None,
         feature_dtype: str = STORE_DTYPE,
+        cluster: RayCluster | None = None,
     ) -> SoftPatch:
         """Learn from training images (paths, PIL images or ``ImageRecord``s). Returns self.
 
@@ -216,6 +224,9 @@ class SoftPatch:
         private temporary directory removed with the model (``close``, or when it is collected).
         Refuses (``ResourceError``) before reading any image when the fit would not fit in memory or
         the store would not fit on disk. ``build_memory_bank=False`` stops after the noise scores.
+        ``cluster`` (``softpatch.runtime.distributed.RayCluster``): extract the features (and, with a float32
+        store and no reference sample, search the neighbours) on that cluster; the result equals the local
+        fit's. None: this process only.
         """
         if len(images) == 0:
             raise SoftPatchError("no training images to fit on")
@@ -235,7 +246,13 @@ class SoftPatch:
             check_disk_space(directory, estimate_fit_disk(self.config, n, grid, feature_dtype))
             cleanup = None
         try:
-            batches = self._feature_batches(images, progress)
+            distributed = None
+            if cluster is None:
+                batches = self._feature_batches(images, progress)
+            else:
+                batch_size = self.config.batch_size or default_batch_size(self.device_)
+                distributed = cluster.extract(self, images, batch_size=batch_size, progress=progress)
+                batches = _batches_of(distributed.embeddings, batch_size)
             first, sizes = next(batches)
             # The first batch's mean as a float16 store's offset: it then rounds differences between images.
             offset = first.mean(0) if feature_dtype == "float16" else None  # float32 stays bit-exact
@@ -254,7 +271,21 @@ class SoftPatch:
                 cleanup()
             raise
         embeddings = Embeddings(store, names, sizes, self.config.feature_key())
-        self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress)
+        # The cluster's neighbours are those of its float32 features: the same as here only for a float32 store.
+        search = None
+        if (
+            distributed is not None
+            and feature_dtype == "float32"
+            and reference_images(n, self.config.neighbour_reference, self.config.seed) is None
+        ):
+            search = distributed.neighbour_search
+        try:
+            self.fit_embeddings(
+                embeddings, build_memory_bank=build_memory_bank, progress=progress, neighbour_search=search
+            )
+        finally:
+            if distributed is not None:
+                distributed.release()
         if cleanup is not None:  # the directory now lives as long as the training state, shared by variants
             cleanup.detach()
             self._state.cleanup = weakref.finalize(self._state, shutil.rmtree, directory, ignore_errors=True)
@@ -270,12 +301,18 @@ class SoftPatch:
             state.cleanup()
 
     def fit_embeddings(
-        self, embeddings: Embeddings, *, build_memory_bank: bool = True, progress: ProgressCallback | None = None
+        self,
+        embeddings: Embeddings,
+        *,
+        build_memory_bank: bool = True,
+        progress: ProgressCallback | None = None,
+        neighbour_search: NeighbourSearch | None = None,
     ) -> SoftPatch:
         """Fit on training features from ``embed`` (denoising, coreset, soft weights). Returns self.
 
         ``build_memory_bank=False`` stops after the noise scores (enough for vetting); the bank is then
-        built on first use.
+        built on first use. ``neighbour_search``: what computes the per-position neighbours during this fit
+        (default ``compute_neighbours``, here; a cluster's gives the same result elsewhere).
         """
         if len(embeddings) == 0:
             raise SoftPatchError("no training images to fit on")
@@ -286,7 +323,11 @@ class SoftPatch:
         self._state = _TrainingState(features=embeddings.features, names=embeddings.names, sizes=embeddings.sizes)
         self._invalidate_bank()
         self.threshold_ = None
-        self._ensure_scores(progress)
+        self._neighbour_search = neighbour_search
+        try:
+            self._ensure_scores(progress)
+        finally:
+            self._neighbour_search = None  # later re-tunes search here: the same neighbours
         if build_memory_bank:
             self.build_memory_bank(progress)
         return self
@@ -393,7 +434,7 @@ class SoftPatch:
         grid = extractor.grid_shape(self.config.crop)
         n = len(images)
         _check_memory(estimate_embed_memory(self.config, n, grid))
-        names = [_name_of(img, i) for i, img in enumerate(images)]
+        names = image_names(images)
         out = torch.empty(n, grid[0] * grid[1], self.config.feature_dim, dtype=torch.float32)
         sizes: list[tuple[int, int]] = []
         done = 0
@@ -760,6 +801,11 @@ class SoftPatch:
         )
         if n >= 2 and state.features is not None and stale:
             store = state.features if isinstance(state.features, FeatureStore) else None
+            if self._neighbour_search is not None and reference is None:
+                state.neighbours = self._neighbour_search(
+                    state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
+                )
+                return state.neighbours
             state.neighbours = compute_neighbours(
                 state.features,
                 k,
@@ -849,6 +895,11 @@ def _check_memory(estimate: MemoryEstimate) -> None:
         raise ResourceError(estimate.refusal_message(available))
 
 
+def image_names(images: Sequence[ImageInput]) -> list[str]:
+    """The names ``embed`` gives ``images``: an image's path or file name, else ``image_<index>``."""
+    return [_name_of(image, i) for i, image in enumerate(images)]
+
+
 def _name_of(image: object, index: int) -> str:
     path = getattr(image, "path", None)  # ImageRecord
     if path is not None:
@@ -870,15 +921,24 @@ def _load_batches(
 ) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
     """Decoded, transformed batches, decoding the next batch in threads while the current one runs."""
 
+    workers = decode_workers()  # read here: the prefetch thread does not see the caller's thread bound
+
     def prepare(chunk: Sequence[ImageInput]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        with decode_pool(workers) as pool:
             decoded = list(pool.map(_load_one, chunk))
         return torch.stack([transform(img) for img in decoded]), [img.size for img in decoded]
 
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
+    with decode_pool(1) as prefetch:
         pending = prefetch.submit(prepare, chunks[0]) if chunks else None
         for i in range(len(chunks)):
             current = pending.result()
             pending = prefetch.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
             yield current
+
+
+def _batches_of(embeddings: Embeddings, batch_size: int) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """``embeddings`` as the local path's batches: the same first batch gives a float16 store the same offset."""
+    for start in range(0, len(embeddings), batch_size):
+        stop = min(len(embeddings), start + batch_size)
+        yield embeddings.features[start:stop], list(embeddings.sizes[start:stop])
