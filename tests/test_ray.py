@@ -163,10 +163,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def local_and_distributed(cluster: RayCluster, small_config: SoftPatchConfig, synthetic_set):
     config = small_config.replace(discriminator="fusion", batch_size=4)
-    local = SoftPatch(config).fit(synthetic_set.train)
+    # A float32 store: the cluster then searches the neighbours too (its shards hold float32 features).
+    local = SoftPatch(config).fit(synthetic_set.train, feature_dtype="float32")
     messages: list[tuple[float, str]] = []
     distributed = SoftPatch(config).fit(
-        synthetic_set.train, cluster=cluster, progress=lambda f, m: messages.append((f, m))
+        synthetic_set.train, cluster=cluster, feature_dtype="float32", progress=lambda f, m: messages.append((f, m))
     )
     return local, distributed, messages
 
@@ -187,6 +188,15 @@ def test_the_distributed_fit_equals_the_local_fit_bit_for_bit(local_and_distribu
     local_scores, distributed_scores = local.score(synthetic_set.test), distributed.score(synthetic_set.test)
     np.testing.assert_array_equal(local_scores.image_scores, distributed_scores.image_scores)
     np.testing.assert_array_equal(local_scores.patch_scores, distributed_scores.patch_scores)
+
+
+@needs_ray
+def test_a_float16_distributed_fit_equals_the_local_float16_fit(cluster, small_config, synthetic_set) -> None:
+    config = small_config.replace(batch_size=4)
+    local = SoftPatch(config).fit(synthetic_set.train)
+    distributed = SoftPatch(config).fit(synthetic_set.train, cluster=cluster)
+    np.testing.assert_array_equal(local.outlier_scores_, distributed.outlier_scores_)
+    np.testing.assert_array_equal(local.vetting_report().ranking, distributed.vetting_report().ranking)
 
 
 @needs_ray
