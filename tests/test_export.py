@@ -332,7 +332,7 @@ class _Untraceable(torch.nn.Module):
 
 def test_untraceable_backbone_gives_one_clear_error(small_config, extractor, train_embeddings, tmp_path, capfd) -> None:
     own = copy.deepcopy(extractor)  # the session's extractor is shared: change a copy
-    own.inference_backbone = _Untraceable(own._runner)
+    own.inference_backbone = _Untraceable(own.runner)
     model = SoftPatch(small_config, extractor=own).fit_embeddings(train_embeddings)
     model.threshold_ = 1.0
     with pytest.raises(ExportError, match=r"cannot be exported to ONNX: its backbone does not trace") as info:

@@ -163,11 +163,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def local_and_distributed(cluster: RayCluster, small_config: SoftPatchConfig, synthetic_set):
     config = small_config.replace(discriminator="fusion", batch_size=4)
-    # A float32 store: the cluster then searches the neighbours too (its shards hold float32 features).
-    local = SoftPatch(config).fit(synthetic_set.train, feature_dtype="float32")
+    local = SoftPatch(config).fit(synthetic_set.train)
     messages: list[tuple[float, str]] = []
     distributed = SoftPatch(config).fit(
-        synthetic_set.train, cluster=cluster, feature_dtype="float32", progress=lambda f, m: messages.append((f, m))
+        synthetic_set.train, cluster=cluster, progress=lambda f, m: messages.append((f, m))
     )
     return local, distributed, messages
 
@@ -205,7 +204,6 @@ def test_the_distributed_fit_reports_progress_and_leaves_no_store_behind(local_a
     n = len(distributed.train_names_)
     on_cluster = [m for _, m in messages if "on the cluster" in m]
     assert f"features: {n}/{n} images on the cluster" in on_cluster
-    assert any(m.startswith("discriminator: neighbours at") for m in on_cluster)
     fractions = [f for f, m in messages if m.startswith("features:")]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert list(Path(cluster.store_dir).iterdir()) == [], "the fit's feature store is removed when it is done"
