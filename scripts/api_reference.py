@@ -46,7 +46,9 @@ def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, *, drop_self: bool)
 
 
 def _is_property(node: ast.FunctionDef) -> bool:
-    return any(ast.unparse(d) in {"property", "cached_property", "functools.cached_property"} for d in node.decorator_list)
+    return any(
+        ast.unparse(d) in {"property", "cached_property", "functools.cached_property"} for d in node.decorator_list
+    )
 
 
 def _is_classmethod(node: ast.FunctionDef) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from softpatch.errors import DataError
 from softpatch.io.datasets import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
-from softpatch.io.paths import is_within
+from softpatch.io.paths import is_within, name_clash_reason
 from softpatch.io.safezip import ARCHIVE_EXTENSIONS, extract_zip, single_folder_root
 
 __all__ = ["sanitize_upload_name", "save_uploads"]
@@ -107,12 +107,7 @@ def save_uploads(
                 out.write(data)
             written.append(target)
         except (NotADirectoryError, FileExistsError, IsADirectoryError):
-            duplicate = os.path.isfile(target) and not os.path.islink(target)
-            reason = (
-                "duplicate: a file of the same name was already uploaded"
-                if duplicate
-                else "name clashes with another upload (a file and a folder of one name)"
-            )
+            reason = name_clash_reason(target, done="uploaded", other="upload")
             skipped.append(SkippedFile(shown, reason))
         except OSError as exc:
             skipped.append(SkippedFile(shown, f"cannot be saved ({exc.strerror or exc})"))

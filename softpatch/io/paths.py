@@ -71,3 +71,11 @@ class ReadScope:
         if self.is_excluded(path):
             return False
         return self.roots is None or any(is_within(path, r) for r in self.roots)
+
+
+def name_clash_reason(target: str | os.PathLike, *, done: str, other: str) -> str:
+    """Why a file could not be written at ``target``: a file of that name was already ``done``, or a file and a
+    folder share the name (``other``: what the second one was, e.g. "entry", "upload")."""
+    if os.path.isfile(target) and not os.path.islink(target):
+        return f"duplicate{' entry' if other == 'entry' else ''}: a file of the same name was already {done}"
+    return f"name clashes with another {other} (a file and a folder of one name)"

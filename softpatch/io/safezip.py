@@ -30,7 +30,7 @@ from typing import BinaryIO
 from softpatch.errors import DataError
 from softpatch.io.datasets import HIDDEN_REASON, SkippedFile, is_hidden_name
 from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits, format_bytes
-from softpatch.io.paths import is_within, unreadable_reason
+from softpatch.io.paths import is_within, name_clash_reason, unreadable_reason
 
 __all__ = ["ARCHIVE_EXTENSIONS", "ExtractResult", "extract_zip", "safe_relative_parts", "single_folder_root"]
 
@@ -247,12 +247,7 @@ def _extract_members(
         except _SizeExceeded as exc:
             reason = exc.reason
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
-            duplicate = os.path.isfile(target) and not os.path.islink(target)
-            reason = (
-                "duplicate entry: a file of the same name was already extracted"
-                if duplicate
-                else "name clashes with another entry (a file and a folder of one name)"
-            )
+            reason = name_clash_reason(target, done="extracted", other="entry")
         except NotImplementedError:
             reason = "unsupported compression method"
         except RuntimeError:  # zipfile's "password required"; flag bit 0x1 is caught earlier
