@@ -283,6 +283,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     if chosen is not None:
         print(chosen.summary())
+    model.close()  # the training features are in the bundle's bank now: free their disk (a shared folder with --ray)
     return 0
 
 

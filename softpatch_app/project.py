@@ -37,6 +37,7 @@ from softpatch.config import ConfigError, SoftPatchConfig
 from softpatch.errors import DataError, SoftPatchError
 from softpatch.io.datasets import ImageFolder, ImageRecord, SkippedFile
 from softpatch.io.demo import load_demo_manifest
+from softpatch.io.paths import is_within
 from softpatch_app.loading import LoadedSplit
 from softpatch_app.server_paths import ServerPaths
 from softpatch_app.settings import AppSettings, Environment
@@ -161,8 +162,7 @@ class PathCodec:
             if not rest or rest.startswith("/") or any(p in ("", ".", "..") for p in parts):
                 raise DataError("a damaged entry in the project's file list")
             path = root.joinpath(*parts)
-            real_root = os.path.realpath(root)
-            if not os.path.realpath(path).startswith(real_root + os.sep):  # a symlink out of the folder
+            if not is_within(path, root):  # a symlink out of the folder
                 raise DataError("a damaged entry in the project's file list")
             return path
         if scheme == "server":

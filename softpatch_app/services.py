@@ -15,6 +15,7 @@ import numpy as np
 from softpatch import SoftPatch
 from softpatch.config import RETUNE_FIELDS
 from softpatch.errors import DataError
+from softpatch.evaluation.benchmark import BENCHMARK_METHODS
 from softpatch.evaluation.threshold import DEFAULT_TARGET_FPR
 from softpatch.method.contamination import Advice, advice
 from softpatch.runtime.progress import report as report_progress
@@ -29,7 +30,7 @@ from softpatch_app.state import SessionData
 RETUNABLE = tuple(name for name in APP_CONFIG_SETTINGS if name in RETUNE_FIELDS and name != "device")
 # Of those, the ones that need the discriminator to run again (the rest is instant or lazy).
 RESCORING = ("discriminator", "lof_k")
-PATCHCORE = {"discriminator": "none", "soft_weight": False}
+PATCHCORE = BENCHMARK_METHODS["patchcore"]  # the baseline the Detect page compares with
 
 
 def has_both_classes(labels: np.ndarray | None) -> bool:
@@ -329,17 +330,11 @@ def ground_truth(detection: Detection, transform) -> np.ndarray | None:
 
     Good images are all False; defective images without a mask are left out of pixel metrics (``pixel_subset``).
     """
-    from softpatch.io.images import load_mask
+    from softpatch.io.images import load_mask_for_crop
 
     if detection.labels is None or not any(detection.mask_paths):
         return None
-    masks = []
-    for _label, mask_path in zip(detection.labels, detection.mask_paths, strict=False):
-        if mask_path:
-            masks.append(transform.mask(load_mask(mask_path)))
-        else:
-            masks.append(np.zeros((transform.crop, transform.crop), dtype=bool))
-    return np.stack(masks)
+    return np.stack([load_mask_for_crop(path or None, transform) for path in detection.mask_paths])
 
 
 def pixel_subset(detection: Detection) -> np.ndarray:

@@ -262,9 +262,11 @@ class NeighbourCache:
         return dist, index
 
     def mean_distance(self, k: int) -> np.ndarray:
-        """``(N, P)`` mean distance of every patch to its ``k`` nearest neighbours (k <= K)."""
-        if isinstance(self.dist, torch.Tensor):
-            return self.dist[:, :, :k].mean(-1).T.numpy()
+        """``(N, P)`` mean distance of every patch to its ``k`` nearest neighbours (k <= K).
+
+        By the same chunks of positions whether the cache is in memory or on disk, so that the value does not
+        depend on where the cache lives (a reduction over differently laid out tensors may round differently).
+        """
         p, n, _ = self.dist.shape
         out = np.empty((n, p), dtype=np.float32)
         step = max(1, (64 * 1024**2) // max(1, n * self.k * 4))
@@ -291,16 +293,16 @@ def denoises(discriminator: str, n_images: int) -> bool:
 
 
 def effective_lof_k(lof_k: int, n_images: int) -> int:
-    """LOF-k clamped to N-1 (there are only N-1 other images), with a warning when clamped."""
+    """``clamp_lof_k`` (0 with fewer than 2 images), with a warning when it had to clamp."""
     if n_images < 2:
         return 0
-    if lof_k > n_images - 1:
+    k = clamp_lof_k(lof_k, n_images)
+    if k != lof_k:
         warnings.warn(
-            f"LOF-k={lof_k} needs at least {lof_k + 1} training images; using k={n_images - 1} for {n_images} images",
+            f"LOF-k={lof_k} needs at least {lof_k + 1} training images; using k={k} for {n_images} images",
             stacklevel=2,
         )
-        return n_images - 1
-    return lof_k
+    return k
 
 
 def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features: bool) -> int:

@@ -224,9 +224,9 @@ class SoftPatch:
         private temporary directory removed with the model (``close``, or when it is collected).
         Refuses (``ResourceError``) before reading any image when the fit would not fit in memory or
         the store would not fit on disk. ``build_memory_bank=False`` stops after the noise scores.
-        ``cluster`` (``softpatch.runtime.distributed.RayCluster``): extract the features (and, with a float32
-        store and no reference sample, search the neighbours) on that cluster; the result equals the local
-        fit's. None: this process only.
+        ``cluster`` (``softpatch.runtime.distributed.RayCluster``): extract the features and search the
+        neighbours on that cluster, with the store in its store folder; the result equals the local fit's.
+        None: this process only.
         """
         if len(images) == 0:
             raise SoftPatchError("no training images to fit on")
@@ -235,24 +235,21 @@ class SoftPatch:
         grid = extractor.grid_shape(self.config.crop)
         n = len(images)
         _check_memory(estimate_fit_memory(self.config, n, grid, with_memory_bank=build_memory_bank))
-        if feature_directory is None:
-            parent = Path(tempfile.gettempdir())
-            check_disk_space(parent, estimate_fit_disk(self.config, n, grid, feature_dtype))
-            directory = Path(tempfile.mkdtemp(prefix="softpatch-features-"))  # mode 0700
-            cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
-        else:
+        disk = estimate_fit_disk(self.config, n, grid, feature_dtype)
+        if feature_directory is not None:
             directory = Path(feature_directory)
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            check_disk_space(directory, estimate_fit_disk(self.config, n, grid, feature_dtype))
+            check_disk_space(directory, disk)
             cleanup = None
+        else:
+            # Private to this model (mode 0700); with a cluster, in its store folder, which every node sees.
+            parent = cluster.store_dir if cluster is not None and cluster.store_dir else tempfile.gettempdir()
+            check_disk_space(parent, disk)
+            directory = cluster.new_store_dir() if cluster else Path(tempfile.mkdtemp(prefix="softpatch-features-"))
+            cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        search = None
         try:
-            distributed = None
-            if cluster is None:
-                batches = self._feature_batches(images, progress)
-            else:
-                batch_size = self.config.batch_size or default_batch_size(self.device_)
-                distributed = cluster.extract(self, images, batch_size=batch_size, progress=progress)
-                batches = _batches_of(distributed.embeddings, batch_size)
+            batches = self._feature_batches(images, progress)
             first, sizes = next(batches)
             # The first batch's mean as a float16 store's offset: it then rounds differences between images.
             offset = first.mean(0) if feature_dtype == "float16" else None  # float32 stays bit-exact
@@ -260,32 +257,24 @@ class SoftPatch:
                 directory, n, grid[0] * grid[1], self.config.feature_dim, dtype=feature_dtype, offset=offset
             )
             store.write_images(0, first)
-            done = len(first)
-            for features, batch_sizes in batches:
-                store.write_images(done, features)
-                sizes.extend(batch_sizes)
-                done += len(features)
+            if cluster is None:
+                for features, batch_sizes in batches:
+                    store.write_images(len(sizes), features)
+                    sizes.extend(batch_sizes)
+            else:  # the rest on the cluster, into the same store: rows identical to the local path's
+                batches.close()
+                batch_size = self.config.batch_size or default_batch_size(self.device_)
+                sizes += cluster.extract_into(
+                    self, store, images, start=len(first), batch_size=batch_size, progress=progress
+                )
+                search = cluster.neighbour_search(store)
             names = [_name_of(img, i) for i, img in enumerate(images)]
         except BaseException:
             if cleanup is not None:
                 cleanup()
             raise
         embeddings = Embeddings(store, names, sizes, self.config.feature_key())
-        # The cluster's neighbours are those of its float32 features: the same as here only for a float32 store.
-        search = None
-        if (
-            distributed is not None
-            and feature_dtype == "float32"
-            and reference_images(n, self.config.neighbour_reference, self.config.seed) is None
-        ):
-            search = distributed.neighbour_search
-        try:
-            self.fit_embeddings(
-                embeddings, build_memory_bank=build_memory_bank, progress=progress, neighbour_search=search
-            )
-        finally:
-            if distributed is not None:
-                distributed.release()
+        self.fit_embeddings(embeddings, build_memory_bank=build_memory_bank, progress=progress, neighbour_search=search)
         if cleanup is not None:  # the directory now lives as long as the training state, shared by variants
             cleanup.detach()
             self._state.cleanup = weakref.finalize(self._state, shutil.rmtree, directory, ignore_errors=True)
@@ -801,12 +790,8 @@ class SoftPatch:
         )
         if n >= 2 and state.features is not None and stale:
             store = state.features if isinstance(state.features, FeatureStore) else None
-            if self._neighbour_search is not None and reference is None:
-                state.neighbours = self._neighbour_search(
-                    state.features, k, device=self.device_, budget_bytes=work_budget(self.device_), progress=progress
-                )
-                return state.neighbours
-            state.neighbours = compute_neighbours(
+            search = self._neighbour_search or compute_neighbours
+            state.neighbours = search(
                 state.features,
                 k,
                 device=self.device_,
@@ -935,10 +920,3 @@ def _load_batches(
             current = pending.result()
             pending = prefetch.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
             yield current
-
-
-def _batches_of(embeddings: Embeddings, batch_size: int) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
-    """``embeddings`` as the local path's batches: the same first batch gives a float16 store the same offset."""
-    for start in range(0, len(embeddings), batch_size):
-        stop = min(len(embeddings), start + batch_size)
-        yield embeddings.features[start:stop], list(embeddings.sizes[start:stop])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from softpatch.runtime.threads import limit_threads
 if TYPE_CHECKING:
     from softpatch.io.feature_store import FeatureStore
     from softpatch.method.discriminators import NeighbourCache
-    from softpatch.method.model import Embeddings, SoftPatch
+    from softpatch.method.model import SoftPatch
 
 RAY_MISSING = "Ray is not installed: pip install 'softpatch[ray]'"
 # Addresses accepted, nothing else reaches ray.init: "local" (a Ray instance of this process on this
@@ -148,9 +147,10 @@ def _assigned_cpus() -> int:
 def embed_shard(
     config_data: dict[str, Any], backbone_state: dict[str, torch.Tensor], images: Sequence, start: int, store_dir: str
 ) -> list[tuple[int, int]]:
-    """A Ray task: features of ``images`` written as rows ``start ..`` of the store; returns their sizes.
+    """A Ray task: features of ``images`` written as rows ``start ..`` of the fit's store; returns their sizes.
 
-    The backbone is built from the config (random init, no download) and given the driver's weights.
+    The backbone is built from the config (random init, no download) and given the driver's weights; the
+    rows go through ``SoftPatch.embed_into``, so they are stored exactly as a local fit stores them.
     """
     from softpatch.config import SoftPatchConfig
     from softpatch.io.feature_store import FeatureStore
@@ -162,9 +162,8 @@ def embed_shard(
         backbone = create_backbone(config.replace(pretrained=False, weights=None))
         backbone.load_state_dict(backbone_state)
         extractor = FeatureExtractor(backbone, config).to(memory_format=torch.channels_last)
-        embeddings = SoftPatch(config, extractor=extractor).embed(images)
-        FeatureStore.open(store_dir).write_images(start, embeddings.features)
-    return embeddings.sizes
+        _, sizes = SoftPatch(config, extractor=extractor).embed_into(FeatureStore.open(store_dir), images, start=start)
+    return sizes
 
 
 def neighbour_shard(
@@ -184,15 +183,6 @@ def neighbour_shard(
 
 
 # ---------------------------------------------------------------------------------------------- driver
-@dataclass
-class DistributedFeatures:
-    """What the cluster's feature stage hands the fit: the features, and the neighbour search to use on them."""
-
-    embeddings: Embeddings
-    neighbour_search: Callable[..., NeighbourCache]
-    release: Callable[[], None]  # removes the fit's store; call when the fit is done
-
-
 @dataclass(frozen=True)
 class RayCluster:
     """An existing Ray cluster to fit on (``SoftPatch.fit(images, cluster=...)``).
@@ -277,62 +267,58 @@ class RayCluster:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     # ------------------------------------------------------------------ stages
-    def _new_store_dir(self) -> Path:
+    def new_store_dir(self) -> Path:
+        """A new, empty folder (mode 0700) for one fit's feature store, under ``store_dir`` (every node sees it)."""
         if self.store_dir is None:
             return Path(tempfile.mkdtemp(prefix="softpatch-ray-"))
         root = Path(self.store_dir)
+        directory = root / f"softpatch-fit-{uuid.uuid4().hex}"
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True)
         except OSError as exc:
             raise ClusterError(f"cannot use the store directory {root}: {exc.strerror or exc}") from None
-        return root / f"softpatch-fit-{uuid.uuid4().hex}"
+        return directory
 
-    def extract(
-        self, model: SoftPatch, images: Sequence, *, batch_size: int, progress: ProgressCallback | None = None
-    ) -> DistributedFeatures:
-        """Features of ``images`` for ``model``'s config, by image ranges on the cluster, into a new store.
+    def extract_into(
+        self,
+        model: SoftPatch,
+        store: FeatureStore,
+        images: Sequence,
+        *,
+        start: int,
+        batch_size: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[tuple[int, int]]:
+        """Write the features of ``images[start:]`` into ``store`` (a folder every node sees) on the cluster.
 
-        ``batch_size``: the backbone batch of the local path; ranges are whole batches of it, so every task
-        runs the local path's batches.
+        ``batch_size``: the backbone batch of the local path; each task's range starts on a batch boundary of
+        it, so every task runs the local path's batches. Returns the original sizes of ``images[start:]``.
         """
-        from softpatch.io.feature_store import FeatureStore
-        from softpatch.method.model import Embeddings, image_names
-
         ray = self.connect()
         config = model.config.replace(batch_size=batch_size)
-        extractor = model.extractor_
-        grid = extractor.grid_shape(config.crop)
         n = len(images)
-        directory = self._new_store_dir()
-        store = FeatureStore.create(directory, n, grid[0] * grid[1], config.feature_dim, dtype="float32")
-        released: list[bool] = []
+        task = self.remote(embed_shard)
+        state_ref = ray.put({k: v.detach().cpu() for k, v in model.extractor_.backbone.state_dict().items()})
+        config_data = config.to_dict()
+        pending = {
+            task.remote(config_data, state_ref, list(images[start + a : start + b]), start + a, str(store.directory)): (
+                a,
+                b,
+            )
+            for a, b in _ranges(n - start, self.cpus() * _TASKS_PER_CPU, align=batch_size)
+        }
+        sizes: list[tuple[int, int] | None] = [None] * (n - start)
+        done = start
+        report(progress, done / n, f"features: {done}/{n} images on the cluster")
+        for shard_sizes, (a, b) in _wait_all(ray, pending):
+            sizes[a:b] = [tuple(s) for s in shard_sizes]
+            done += b - a
+            report(progress, done / n, f"features: {done}/{n} images on the cluster")
+        return sizes
 
-        def release() -> None:
-            if not released:
-                released.append(True)
-                shutil.rmtree(directory, ignore_errors=True)
-
-        try:
-            task = self.remote(embed_shard)
-            state_ref = ray.put({k: v.detach().cpu() for k, v in extractor.backbone.state_dict().items()})
-            config_data = config.to_dict()
-            pending = {
-                task.remote(config_data, state_ref, list(images[a:b]), a, str(directory)): (a, b)
-                for a, b in _ranges(n, self.cpus() * _TASKS_PER_CPU, align=batch_size)
-            }
-            sizes: list[tuple[int, int] | None] = [None] * n
-            done = 0
-            report(progress, 0.0, f"features: 0/{n} images on the cluster")
-            for ref, (a, b) in _wait_all(ray, pending):
-                sizes[a:b] = [tuple(s) for s in ref]
-                done += b - a
-                report(progress, done / n, f"features: {done}/{n} images on the cluster")
-            features = store.to_tensor()
-        except BaseException:
-            release()
-            raise
-        embeddings = Embeddings(features, image_names(images), sizes, config.feature_key())
-        return DistributedFeatures(embeddings, _NeighbourSearch(self, store, features), release)
+    def neighbour_search(self, store: FeatureStore) -> NeighbourSearchOnCluster:
+        """``compute_neighbours`` for ``store``'s features with the positions spread over this cluster."""
+        return NeighbourSearchOnCluster(self, store)
 
 
 def _wait_all(ray, pending: dict):
@@ -355,12 +341,11 @@ def _wait_all(ray, pending: dict):
 
 
 @dataclass(frozen=True)
-class _NeighbourSearch:
+class NeighbourSearchOnCluster:
     """``compute_neighbours`` with the positions spread over the cluster (same signature, same result)."""
 
     cluster: RayCluster
-    store: FeatureStore
-    features: torch.Tensor  # the (N, P, D) features read back from ``store``
+    store: FeatureStore  # the fit's store, in a folder every node sees
 
     def __call__(
         self,
@@ -373,9 +358,9 @@ class _NeighbourSearch:
         reference: np.ndarray | None = None,
         directory: str | None = None,
     ) -> NeighbourCache:
-        from softpatch.method.discriminators import NeighbourCache, compute_neighbours
+        from softpatch.method.discriminators import NeighbourCache, clamp_lof_k, compute_neighbours
 
-        if features is not self.features and features is not self.store:
+        if features is not self.store:
             # Not the features this cluster extracted (nothing on the cluster holds them): the local path.
             return compute_neighbours(
                 features,
@@ -388,8 +373,7 @@ class _NeighbourSearch:
             )
         ray = self.cluster.connect()
         n, p, _ = self.store.shape
-        m = n if reference is None else len(reference)
-        k = max(1, min(k, m - 1))
+        k = clamp_lof_k(k, n if reference is None else len(reference))
         task = self.cluster.remote(neighbour_shard)
         pending = {
             task.remote(str(self.store.directory), a, b, k, reference, budget_bytes): (a, b)
