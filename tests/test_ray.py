@@ -206,10 +206,10 @@ def test_the_fit_keeps_one_store_in_the_cluster_folder_until_it_is_closed(
     cluster: RayCluster, config: SoftPatchConfig, synthetic_set
 ) -> None:
     before = set(Path(cluster.store_dir).iterdir())
-    model = SoftPatch(config).fit(synthetic_set.train[:6], cluster=cluster)
+    model = SoftPatch(config).fit(synthetic_set.train[:8], cluster=cluster)
     added = set(Path(cluster.store_dir).iterdir()) - before
     assert len(added) == 1, "the cluster wrote into the fit's own store: one store, not a copy"
-    assert FeatureStore.open(added.pop()).shape[0] == 6
+    assert FeatureStore.open(added.pop()).shape[0] == 8
     model.close()
     assert set(Path(cluster.store_dir).iterdir()) == before
 
