@@ -92,3 +92,34 @@ def test_stale_workspaces_are_removed_at_startup(env) -> None:
     old._finalizer.detach()  # simulate a server restart: nobody owns the folder any more
     AppTest.from_file(APP, default_timeout=180).run()
     assert not path.exists()
+
+
+def test_pages_compile_without_building_python_ast_objects(env, monkeypatch) -> None:
+    """Python 3.11 cannot build AST objects from two threads at once; the app's config keeps Streamlit from it.
+
+    Streamlit's "magic" parses each page with ``ast.parse`` before compiling it; two users opening a page
+    together then failed with "AST constructor recursion depth mismatch". With magic off the page goes
+    straight to ``compile``. The pages draw nothing implicitly, so nothing is lost.
+    """
+    import ast
+    from pathlib import Path
+
+    from streamlit.runtime.scriptrunner import magic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a page went through Streamlit's magic (ast.parse)")
+
+    monkeypatch.setattr(magic, "add_magic", refuse)
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.switch_page("pages/2_denoise.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    root = Path(APP).parent
+    implicit = []
+    for script in [root / "app.py", *sorted((root / "pages").glob("*.py"))]:
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Call | ast.Await | ast.Yield):
+                if not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                    implicit.append(f"{script.name}:{node.lineno}")
+    assert not implicit, f"these lines relied on magic to draw: {implicit}"
