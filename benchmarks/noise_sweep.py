@@ -184,7 +184,7 @@ def run_split(
     split_key = _key(name, seed, noise, "_split")
     if "suspicion_k32" not in done.get(split_key, {}):
         # What an automatic choice could see of this training set, and the truth to check it against.
-        neighbours = base._neighbours()
+        neighbours = base.neighbours_
         done[split_key] = {
             "category": name,
             "seed": seed,

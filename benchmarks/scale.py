@@ -228,7 +228,7 @@ def run_child(job: dict) -> dict:
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "disk": _disk_used(store_dir),
         "store_bytes": model.feature_store_.nbytes,
-        "approximate": model._state.neighbours.reference is not None,
+        "approximate": model.neighbours_.reference is not None,
         "discriminator": model.resolved_config_.discriminator,
         "accuracy": approx,
         "removed": np.packbits(model.removed_mask_.reshape(-1)).tobytes().hex() if job.get("keep_removed") else None,
@@ -236,18 +236,19 @@ def run_child(job: dict) -> dict:
     }
     if job["compare_exact"] and out["approximate"]:
         n = len(job["paths"])
+        top = max(1, round(PLANTED_SHARE * n))
+        # What the approximate fit decided, read before the exact variant replaces the shared neighbour cache.
+        removed_approx = model.removed_mask_.copy()
+        top_approx = set(model.vetting_report().ranking[:top].tolist())
+        na = model.neighbours_
+        approx_index = na.positions(0, na.dist.shape[0])[1][:: max(1, na.dist.shape[0] // 16), :, :6]
         started = time.perf_counter()
         exact = model.variant(neighbour_reference=n)
-        removed_exact, removed_approx = exact.removed_mask_, model.removed_mask_
-        top = max(1, round(PLANTED_SHARE * n))
+        removed_exact = exact.removed_mask_
         top_exact = set(exact.vetting_report().ranking[:top].tolist())
-        top_approx = set(model.vetting_report().ranking[:top].tolist())
         exact_accuracy = _auroc_pair(exact, job["labels"], test, test_labels, masks)
-        ne = exact._state.neighbours
+        ne = exact.neighbours_
         exact_index = ne.positions(0, ne.dist.shape[0])[1][:: max(1, ne.dist.shape[0] // 16), :, :6]
-        model._state.neighbours = None  # the approximate cache again, for recall@6 (the state is shared)
-        na = model._neighbours()
-        approx_index = na.positions(0, na.dist.shape[0])[1][:: max(1, na.dist.shape[0] // 16), :, :6]
         hits = (exact_index.unsqueeze(-1) == approx_index.unsqueeze(-2)).any(-1).float().mean().item()
         out["exact"] = {
             "seconds": time.perf_counter() - started,

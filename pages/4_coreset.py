@@ -67,6 +67,10 @@ def _map_section(session: SessionData, method: str, colour_by: str, max_points: 
     m1.metric("Patches in the memory bank", f"{view.bank_size:,}", help=f"coreset ratio {model.config.coreset_ratio:g}")
     m2.metric("Patches removed as noise", f"{view.removed_count:,}", help=f"tau {model.config.tau:.2f}")
     m3.metric("Training patches in all", f"{model.removed_mask_.size:,}")
+    if view.bank_note:
+        st.caption(view.bank_note)
+    if view.capped_note:
+        st.warning(view.capped_note[0].upper() + view.capped_note[1:] + ".", icon=":material/memory:")
     xy = None
     with (
         user_errors(f"compute the {method} map"),

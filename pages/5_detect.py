@@ -247,6 +247,8 @@ def main() -> None:
     detection = _score_section(session, split, compare)
     if detection is None:
         return
+    if detection.search_note:
+        st.caption(detection.search_note)
     chosen = _thresholds(session, detection)
     if chosen is None:
         return

@@ -237,6 +237,17 @@ class Detection:
     metrics: dict = field(default_factory=dict)
 
     @property
+    def search_note(self) -> str:
+        """What the user must know of the nearest-neighbour search: "" when exact, else its measured recall."""
+        recall = self.softpatch.search_recall
+        if recall is None:
+            return ""
+        return (
+            f"The memory bank is searched approximately (IVF): it finds the exact nearest patch "
+            f"{recall:.1%} of the time, measured on training patches left out of the bank."
+        )
+
+    @property
     def order(self) -> np.ndarray:
         """(n,) image indices by SoftPatch score, most anomalous first (ties in input order)."""
         return np.argsort(-np.asarray(self.softpatch.image_scores), kind="stable")
@@ -664,6 +675,8 @@ class CoresetView:
     sources: list[str]  # (n,) training image names
     bank_size: int
     removed_count: int
+    bank_note: str = ""  # how the bank rows were chosen ("" when not known, e.g. a bank from a bundle)
+    capped_note: str | None = None  # set when the memory budget cut the bank below the coreset ratio
 
     @property
     def sample_size(self) -> int:
@@ -709,7 +722,21 @@ def coreset_view(session: SessionData, max_points: object, progress=None) -> Cor
         sources=[names[int(k)] for k in prov[:, 0]],
         bank_size=len(bank),
         removed_count=int(model.removed_mask_.sum()),
+        **bank_notes(bank, model.config),
     )
+
+
+def bank_notes(bank, config) -> dict[str, str | None]:
+    """``bank_note`` (how the rows were chosen) and ``capped_note`` (the memory budget's cut, or None)."""
+    plan = bank.coreset_plan
+    if plan is None:
+        return {"bank_note": "", "capped_note": None}
+    capped = (
+        plan.capped_message(bank.features.shape[-1], config.bank_budget_mb, config.coreset_ratio)
+        if plan.capped
+        else None
+    )
+    return {"bank_note": plan.describe(), "capped_note": capped}
 
 
 def coreset_figure(view: CoresetView, xy: np.ndarray, colour_by: str):

@@ -209,7 +209,13 @@ def test_the_fit_keeps_one_store_in_the_cluster_folder_until_it_is_closed(
     model = SoftPatch(config).fit(synthetic_set.train[:8], cluster=cluster)
     added = set(Path(cluster.store_dir).iterdir()) - before
     assert len(added) == 1, "the cluster wrote into the fit's own store: one store, not a copy"
-    assert FeatureStore.open(added.pop()).shape[0] == 8
+    store = added.pop()
+    assert FeatureStore.open(store).shape[0] == 8
+    # The workers wrote the neighbour cache beside the features, as the local fit does: not in the driver's RAM.
+    cache_files = sorted(p.name for p in store.iterdir() if p.name.startswith("neighbours_"))
+    assert len(cache_files) == 2 and cache_files[0].endswith("_dist.bin"), cache_files
+    local = SoftPatch(config).fit(synthetic_set.train[:8])
+    np.testing.assert_array_equal(local.outlier_scores_, model.outlier_scores_)
     model.close()
     assert set(Path(cluster.store_dir).iterdir()) == before
 

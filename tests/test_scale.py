@@ -170,7 +170,7 @@ def test_no_attribute_holds_all_features_after_a_fit(small_config, extractor, sy
     largest = max(arrays, key=lambda a: a[1])
     # The bank (10% of the kept patches) is the largest; nothing near the (N, P, D) float32 features.
     assert largest[1] <= 0.15 * n * p * d * 4, largest
-    assert isinstance(model._state.neighbours.dist, DiskArray), "the neighbour cache of a store fit is on disk"
+    assert isinstance(model.neighbours_.dist, DiskArray), "the neighbour cache of a store fit is on disk"
     assert isinstance(model._state.projections[(small_config.projection_dim, 0)], DiskArray)
 
 
@@ -185,11 +185,11 @@ def test_a_large_fit_uses_the_reference_and_retunes_it(small_config, extractor, 
     config = small_config.replace(neighbour_reference=10, lof_k=4)
     model = SoftPatch(config, extractor=extractor).fit(synthetic_set.train, build_memory_bank=False)
     n = len(synthetic_set.train)
-    cache = model._state.neighbours
+    cache = model.neighbours_
     assert cache.reference is not None and len(cache.reference) == 10
     assert set(np.unique(cache.positions(0, 64)[1].numpy())) <= set(cache.reference.tolist())
     exact = model.variant(neighbour_reference=n)
-    assert exact._state.neighbours.reference is None, "raising the reference to N makes the search exact"
+    assert exact.neighbours_.reference is None, "raising the reference to N makes the search exact"
     assert exact.outlier_scores_.shape == model.outlier_scores_.shape == (n, 8, 8)
 
 
@@ -205,6 +205,25 @@ def test_the_streaming_estimate_accepts_10000_images_on_a_24_gb_machine() -> Non
     disk = estimate_fit_disk(config, 10_000, (28, 28))
     assert disk >= 10_000 * 784 * 1024 * 2, "the float16 store alone"
     assert disk < 10_000 * 784 * 1024 * 4, "less than float32 features"
+
+
+def test_the_coreset_estimate_follows_the_plan_and_the_bank_budget() -> None:
+    """The bank is capped by bank_budget_mb and a blocked coreset holds one block: the estimate says so."""
+    from softpatch.runtime.resources import coreset_memory_bytes
+
+    config = SoftPatchConfig()
+    patches = 10_000 * 784
+    row = config.feature_dim * 4
+    capped = coreset_memory_bytes(config, patches, streaming=True)
+    assert capped <= config.bank_budget_mb * 1024**2 + config.coreset_block_rows * (128 * 4 + 16)
+    assert capped >= config.bank_budget_mb * 1024**2 // row * row, "the capped bank itself"
+    smaller = coreset_memory_bytes(config.replace(bank_budget_mb=256), patches, streaming=True)
+    assert capped - smaller >= (config.bank_budget_mb - 256) * 1024**2 - row
+    # Below the cap the bank is the ratio's rows; the exact greedy holds every patch's projection.
+    few = 200 * 784
+    exact = coreset_memory_bytes(config, few, streaming=False)
+    assert exact == few * 128 * 4 + few * (128 * 4 + 16) + round(few * config.coreset_ratio) * row
+    assert coreset_memory_bytes(config.replace(coreset="random"), few, streaming=False) == round(few * 0.1) * row
 
 
 # ---------------------------------------------------------------- real images

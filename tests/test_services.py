@@ -150,6 +150,47 @@ def test_the_map_sample_is_capped_and_its_size_reported(session: SessionData) ->
     assert 0 < len(removed) < view.sample_size
 
 
+def test_the_coreset_view_says_how_the_bank_was_chosen_and_when_the_budget_cut_it(session: SessionData) -> None:
+    view = services.coreset_view(session, 40)
+    kept = int((~session.model.removed_mask_).sum())
+    assert view.bank_note.startswith(f"{view.bank_size:,} of {kept:,} kept patches")
+    assert "exact greedy" in view.bank_note and view.capped_note is None
+    session.model = session.model.variant(coreset_exact_rows=1, coreset_block_rows=256)
+    view = services.coreset_view(session, 40)
+    assert f"kept patches chosen by the greedy k-centre coreset on {-(-kept // 256):,} random blocks" in view.bank_note
+    assert view.capped_note is None
+
+
+def test_a_bank_cut_by_the_memory_budget_says_both_sizes() -> None:
+    from softpatch.method.coreset import plan_coreset
+
+    plan = plan_coreset(
+        1_000_000,
+        method="greedy",
+        ratio=0.1,
+        row_bytes=4096,
+        budget_bytes=256 * 1024**2,
+        exact_rows=10,
+        block_rows=10**4,
+    )
+    bank = SimpleNamespace(coreset_plan=plan, features=np.zeros((plan.rows, 1024), np.float32))
+    notes = services.bank_notes(bank, SimpleNamespace(bank_budget_mb=256, coreset_ratio=0.1))
+    assert plan.rows == 65_536 and plan.capped
+    assert "capped at 65,536 patches (256 MB" in notes["capped_note"]
+    assert "asks for 100,000 (391 MB)" in notes["capped_note"]
+    assert notes["bank_note"].startswith("65,536 of 1,000,000 kept patches")
+    assert services.bank_notes(SimpleNamespace(coreset_plan=None), None) == {"bank_note": "", "capped_note": None}
+
+
+def test_the_search_note_is_empty_when_exact_and_gives_the_measured_recall_otherwise() -> None:
+    def detection(recall):
+        score = SimpleNamespace(search_recall=recall, image_scores=np.zeros(1))
+        return services.Detection(["a"], ["a"], None, [None], score, None)
+
+    assert detection(None).search_note == ""
+    assert "93.8%" in detection(0.9375).search_note
+
+
 @pytest.mark.parametrize(
     ("requested", "size"),
     [(10**9, POINT_CAP), (-5, 10), ("700", 700), ("lots", MAX_POINTS), (float("nan"), MAX_POINTS)],

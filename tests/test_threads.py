@@ -6,6 +6,7 @@ Only counts are asserted, never times: benchmarks/concurrent_fits.py measures wh
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import faiss
 import pytest
@@ -178,3 +179,18 @@ def test_passive_waiting_is_not_claimed_once_torch_is_loaded() -> None:
         "print(prefer_passive_waiting(), os.environ.get('OMP_WAIT_POLICY'))"
     )
     assert _fresh(code) == "False None"
+
+
+def test_the_app_asks_for_passive_waiting_before_torch_loads() -> None:
+    """The first import of the app script sets the policy; torch loads later, with it."""
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    code = (
+        "import os, sys, runpy\n"
+        "import streamlit.runtime.scriptrunner_utils.exceptions\n"
+        "try:\n"
+        f"    runpy.run_path({str(app)!r}, run_name='not_main')\n"
+        "except Exception:\n"
+        "    pass  # no Streamlit runtime here: only the imports matter\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    assert _fresh(code) == "PASSIVE True", "set, and torch loaded after it"

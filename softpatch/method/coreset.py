@@ -156,6 +156,28 @@ class CoresetPlan:
     def capped(self) -> bool:
         return self.rows < self.requested_rows
 
+    def describe(self) -> str:
+        """How the bank rows were chosen, in one sentence for the user."""
+        return _PLAN_SENTENCES[self.method].format(kept=self.kept, rows=self.rows, blocks=self.blocks)
+
+    def capped_message(self, feature_dim: int, budget_mb: int, ratio: float) -> str:
+        """The sentence that tells the user the memory budget cut the bank, with both sizes."""
+        mb = BANK_VALUE_BYTES * feature_dim / 1024**2
+        return (
+            f"memory bank capped at {self.rows:,} patches ({self.rows * mb:,.0f} MB, the bank_budget_mb setting of "
+            f"{budget_mb:,}); coreset ratio {ratio:g} of {self.kept:,} kept patches asks for "
+            f"{self.requested_rows:,} ({self.requested_rows * mb:,.0f} MB)"
+        )
+
+
+_PLAN_SENTENCES = {
+    "greedy": "{rows:,} of {kept:,} kept patches chosen by the exact greedy k-centre coreset.",
+    "blocked": "{rows:,} of {kept:,} kept patches chosen by the greedy k-centre coreset on {blocks:,} random blocks "
+    "(above coreset_exact_rows the exact one would cost the square of the patches).",
+    "random": "{rows:,} of {kept:,} kept patches chosen at random.",
+    "all": "Every one of the {kept:,} kept patches.",
+}
+
 
 def plan_coreset(
     kept: int,

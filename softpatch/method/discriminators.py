@@ -323,6 +323,25 @@ def _positions_per_chunk(
     return max(1, budget_bytes // max(per_position, 1))
 
 
+def neighbour_cache_arrays(
+    positions: int, n_images: int, k: int, reference: np.ndarray | None, directory: str | os.PathLike | None
+) -> tuple[torch.Tensor | DiskArray, torch.Tensor | DiskArray]:
+    """Empty ``(P, N, k)`` distances (float32) and image indices (int32) of a neighbour cache.
+
+    In memory when ``directory`` is None, else two new ``DiskArray`` files there, named by k and the
+    reference sample (so a cache for other settings never overwrites this one).
+    """
+    shape = (positions, n_images, k)
+    if directory is None:
+        return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.int32)
+    m = n_images if reference is None else len(reference)
+    tag = f"k{k}" + ("" if reference is None else f"_r{m}_{hashlib.sha256(reference.tobytes()).hexdigest()[:12]}")
+    return (
+        DiskArray.create(Path(directory) / f"neighbours_{tag}_dist.bin", shape, np.float32),
+        DiskArray.create(Path(directory) / f"neighbours_{tag}_index.bin", shape, np.int32),
+    )
+
+
 def compute_neighbours(
     features: FeatureSource,
     k: int,
@@ -343,13 +362,7 @@ def compute_neighbours(
     n, p, d = features.shape
     m = n if reference is None else len(reference)
     k = clamp_lof_k(k, m)
-    if directory is None:
-        dist_out: torch.Tensor | DiskArray = torch.empty(p, n, k, dtype=torch.float32)
-        index_out: torch.Tensor | DiskArray = torch.empty(p, n, k, dtype=torch.int32)
-    else:
-        tag = f"k{k}" + ("" if reference is None else f"_r{m}_{hashlib.sha256(reference.tobytes()).hexdigest()[:12]}")
-        dist_out = DiskArray.create(Path(directory) / f"neighbours_{tag}_dist.bin", (p, n, k), np.float32)
-        index_out = DiskArray.create(Path(directory) / f"neighbours_{tag}_index.bin", (p, n, k), np.int32)
+    dist_out, index_out = neighbour_cache_arrays(p, n, k, reference, directory)
     step = _positions_per_chunk(n, d, budget_bytes, with_features=True, n_compared=m)
     ref = None if reference is None else torch.from_numpy(np.asarray(reference, dtype=np.int64))
 

@@ -27,7 +27,6 @@ from softpatch.method.anomaly_map import anomaly_maps
 from softpatch.method.contamination import AUTO, choose_settings
 from softpatch.method.coreset import (
     BANK_VALUE_BYTES,
-    CoresetPlan,
     plan_coreset,
     projection_matrix,
     random_projection,
@@ -626,7 +625,7 @@ class SoftPatch:
             block_rows=c.coreset_block_rows,
         )
         if plan.capped:
-            message = _capped_message(plan, state.features.shape[-1], c)
+            message = plan.capped_message(state.features.shape[-1], c.bank_budget_mb, c.coreset_ratio)
             warnings.warn(message, stacklevel=2)
             report(progress, 0.0, f"coreset: {message}")
         if plan.method == "blocked":
@@ -774,6 +773,16 @@ class SoftPatch:
     def backbone_info_(self) -> BackboneInfo:
         return backbone_info(self._get_extractor().backbone, self.config)
 
+    @property
+    def neighbours_(self) -> NeighbourCache | None:
+        """The per-position k-NN cache the discriminator reads, for the current settings (None below 2 images).
+
+        ``dist`` and ``index`` ``(P, N, k)``: each patch's nearest patches of other images at its position,
+        nearest first; ``reference`` the sorted reference images searched, None when the search is exact.
+        Variants of one fit share it: reading it from a variant with other settings may replace it.
+        """
+        return self._neighbours()
+
     def _neighbours(self, lof_k: int | None = None, progress: ProgressCallback | None = None) -> NeighbourCache | None:
         """The per-position k-NN cache, enough for ``lof_k`` (default: the config's), computed on first need
         (None with fewer than 2 images)."""
@@ -861,16 +870,6 @@ def _project(features: FeatureSource, dim: int, seed: int) -> np.ndarray | DiskA
         block = features.read_images(start, stop).reshape(-1, d)
         out.write(start * p, (block @ matrix if matrix is not None else block).numpy())
     return out
-
-
-def _capped_message(plan: CoresetPlan, feature_dim: int, config: SoftPatchConfig) -> str:
-    """The sentence that tells the user the memory budget cut the bank, with both sizes."""
-    mb = BANK_VALUE_BYTES * feature_dim / 1024**2
-    return (
-        f"memory bank capped at {plan.rows:,} patches ({plan.rows * mb:,.0f} MB, the bank_budget_mb setting of "
-        f"{config.bank_budget_mb:,}); coreset ratio {config.coreset_ratio:g} of {plan.kept:,} kept patches asks for "
-        f"{plan.requested_rows:,} ({plan.requested_rows * mb:,.0f} MB)"
-    )
 
 
 def _check_memory(estimate: MemoryEstimate) -> None:

@@ -39,7 +39,7 @@ from softpatch.runtime.progress import ProgressCallback, report
 from softpatch.runtime.threads import limit_threads
 
 if TYPE_CHECKING:
-    from softpatch.io.feature_store import FeatureStore
+    from softpatch.io.feature_store import DiskArray, FeatureStore
     from softpatch.method.discriminators import NeighbourCache
     from softpatch.method.model import SoftPatch
 
@@ -167,10 +167,20 @@ def embed_shard(
 
 
 def neighbour_shard(
-    store_dir: str, start: int, stop: int, k: int, reference: np.ndarray | None, budget_bytes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    store_dir: str,
+    start: int,
+    stop: int,
+    k: int,
+    reference: np.ndarray | None,
+    budget_bytes: int,
+    outputs: tuple[DiskArray, DiskArray] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A Ray task: ``(Pc, N, K)`` distances and image indices of the nearest other-image patches at
-    positions ``start .. stop`` of the store (``compute_neighbours`` on those positions)."""
+    positions ``start .. stop`` of the store (``compute_neighbours`` on those positions).
+
+    With ``outputs`` (the cache's two ``DiskArray`` files in the shared store folder) it writes its rows
+    there and returns None; without, it returns them through Ray's object store.
+    """
     from softpatch.io.feature_store import FeatureStore
     from softpatch.method.discriminators import compute_neighbours
 
@@ -179,7 +189,12 @@ def neighbour_shard(
         cache = compute_neighbours(
             block.transpose(0, 1), k, device=torch.device("cpu"), budget_bytes=budget_bytes, reference=reference
         )
-    return torch.as_tensor(np.asarray(cache.dist)), torch.as_tensor(np.asarray(cache.index))
+    dist, index = np.asarray(cache.dist), np.asarray(cache.index)
+    if outputs is None:
+        return torch.as_tensor(dist), torch.as_tensor(index)
+    outputs[0].write(start, dist)
+    outputs[1].write(start, index)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -358,7 +373,12 @@ class NeighbourSearchOnCluster:
         reference: np.ndarray | None = None,
         directory: str | None = None,
     ) -> NeighbourCache:
-        from softpatch.method.discriminators import NeighbourCache, clamp_lof_k, compute_neighbours
+        from softpatch.method.discriminators import (
+            NeighbourCache,
+            clamp_lof_k,
+            compute_neighbours,
+            neighbour_cache_arrays,
+        )
 
         if features is not self.store:
             # Not the features this cluster extracted (nothing on the cluster holds them): the local path.
@@ -374,16 +394,18 @@ class NeighbourSearchOnCluster:
         ray = self.cluster.connect()
         n, p, _ = self.store.shape
         k = clamp_lof_k(k, n if reference is None else len(reference))
+        # On disk beside the store when the fit asks for it (every node sees that folder), as the local path does.
+        dist, index = neighbour_cache_arrays(p, n, k, reference, directory)
+        outputs = None if isinstance(dist, torch.Tensor) else (dist, index)
         task = self.cluster.remote(neighbour_shard)
         pending = {
-            task.remote(str(self.store.directory), a, b, k, reference, budget_bytes): (a, b)
+            task.remote(str(self.store.directory), a, b, k, reference, budget_bytes, outputs): (a, b)
             for a, b in _ranges(p, self.cluster.cpus() * _TASKS_PER_CPU)
         }
-        dist = torch.empty(p, n, k, dtype=torch.float32)
-        index = torch.empty(p, n, k, dtype=torch.int32)
         done = 0
-        for (shard_dist, shard_index), (a, b) in _wait_all(ray, pending):
-            dist[a:b], index[a:b] = shard_dist, shard_index
+        for shard, (a, b) in _wait_all(ray, pending):
+            if outputs is None:
+                dist[a:b], index[a:b] = shard
             done += b - a
             report(progress, done / p, f"discriminator: neighbours at {done}/{p} positions on the cluster")
         return NeighbourCache(dist, index, None if reference is None else np.asarray(reference, dtype=np.int64))

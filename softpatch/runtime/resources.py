@@ -12,6 +12,7 @@ from softpatch.config import SoftPatchConfig
 from softpatch.errors import ResourceError
 from softpatch.io.feature_store import store_bytes
 from softpatch.io.limits import format_bytes
+from softpatch.method.coreset import BANK_VALUE_BYTES, plan_coreset
 from softpatch.method.discriminators import neighbour_cache_k, position_work_bytes, reference_images
 from softpatch.runtime.device import default_batch_size
 
@@ -75,12 +76,36 @@ def estimate_fit_memory(
         n_images=n_images,
         features_bytes=features_bytes,
         neighbours_bytes=neighbours_bytes,
-        coreset_bytes=patches * (config.projection_dim * 4 + 16)
-        + int(patches * config.coreset_ratio) * config.feature_dim * 4
-        if with_memory_bank
-        else 0,
+        coreset_bytes=coreset_memory_bytes(config, patches, streaming=streaming) if with_memory_bank else 0,
         backbone_bytes=backbone_batch_bytes(config),
     )
+
+
+# Per patch the greedy coreset works on: its float32 projection, squared norm, distance to the centres, index.
+_GREEDY_ROW_EXTRA_BYTES = 16
+
+
+def coreset_memory_bytes(config: SoftPatchConfig, patches: int, *, streaming: bool) -> int:
+    """Peak memory of the coreset stage over ``patches`` (the kept patches: every patch is an upper bound).
+
+    Follows ``plan_coreset``: the bank is what the memory budget leaves of the ratio's rows; the greedy
+    works on all patches when exact, on one block when blocked. The projection of every patch is in
+    memory only when the features are (``streaming=False``); a store keeps it on disk beside itself.
+    """
+    d = config.feature_dim
+    plan = plan_coreset(
+        patches,
+        method=config.coreset,
+        ratio=config.coreset_ratio,
+        row_bytes=BANK_VALUE_BYTES * d,
+        budget_bytes=config.bank_budget_mb * 1024**2,
+        exact_rows=config.coreset_exact_rows,
+        block_rows=config.coreset_block_rows,
+    )
+    row = min(config.projection_dim, d) * 4
+    working = {"greedy": patches, "blocked": min(patches, config.coreset_block_rows)}.get(plan.method, 0)
+    projection = 0 if streaming or plan.method not in ("greedy", "blocked") else patches * row
+    return projection + working * (row + _GREEDY_ROW_EXTRA_BYTES) + plan.rows * BANK_VALUE_BYTES * d
 
 
 def estimate_fit_disk(config: SoftPatchConfig, n_images: int, grid: tuple[int, int], dtype: str = "float16") -> int:
