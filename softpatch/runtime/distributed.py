@@ -7,12 +7,13 @@ path with its two heavy stages spread over the cluster by Ray's own scheduler (`
 * features: image ranges, aligned to the backbone batch, go to tasks; each task builds the backbone from
   the config and the driver's weights (passed through Ray's object store, never as a file path) and writes
   its rows into a ``FeatureStore`` in ``store_dir``, a folder every node sees;
-* neighbours: position ranges go to tasks; each reads its positions from the store and returns the
-  ``(Pc, N, K)`` distances and image indices of every patch's nearest other-image patches;
+* neighbours: position ranges go to tasks; each reads its positions from the store and computes the
+  ``(Pc, N, K)`` distances and image indices of every patch's nearest other-image patches (among the
+  reference sample above ``neighbour_reference`` images), written into the cache files beside the store;
 * the rest (discriminator scores, coreset, memory bank) runs on the driver exactly as in the local path.
 
 Equality with the local fit: bit for bit on CPUs. Each task embeds the same batches (ranges are whole
-batches at the local batch size), the store keeps float32 rows unchanged, and every position's neighbour
+batches at the local batch size), the store holds the same rows in either dtype, and every position's neighbour
 search is computed independently of how positions are grouped (``compute_neighbours``), so the features,
 the neighbour cache and everything derived from them are the local fit's. ``tests/test_ray.py`` checks it.
 
