@@ -23,6 +23,7 @@ the exact path at 2,000 images.
     python benchmarks/scale.py                               # 1000, 2000, 5000, 10000 (hours)
     python benchmarks/scale.py --sizes 1000,2000 --fp16-check
     python benchmarks/scale.py --quick                       # 64 and 128 images, tiny backbone: proves it runs
+    python benchmarks/scale.py --results scale.jsonl         # also keep each size's figures as it finishes
 """
 
 from __future__ import annotations
@@ -200,6 +201,29 @@ def _test_set(model: Any) -> tuple[Any, list[int], Any]:
     return model.embed(good + bad), [0] * len(good) + [1] * len(bad), np.stack(masks)
 
 
+def _backbone_rate(model: Any, paths: list[str], runs: int = 3) -> float:
+    """Images per second of the backbone and patch aggregation alone (decoded, transformed images; median of
+    ``runs``): the floor under every fit's feature stage on this machine."""
+    import statistics
+
+    import torch
+
+    from softpatch.io.images import load_image
+
+    batch = model.config.batch_size or 8
+    images = torch.stack([model.transform_(load_image(p)) for p in paths])
+    extractor = model.extractor_
+    rates = []
+    with torch.inference_mode():
+        extractor(images[:batch])  # warm-up
+        for _ in range(runs):
+            started = time.perf_counter()
+            for i in range(0, len(images), batch):
+                extractor(images[i : i + batch])
+            rates.append(len(images) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
 def run_child(job: dict) -> dict:
     import numpy as np
     import torch
@@ -213,6 +237,7 @@ def run_child(job: dict) -> dict:
     config = SoftPatchConfig(**job["config"])
     store_dir = Path(job["store_dir"])
     model = SoftPatch(config)
+    backbone_rate = _backbone_rate(model, job["paths"][:64]) if job.get("backbone_rate") else None
     started = time.perf_counter()
     model.fit(job["paths"], progress=meter.progress, feature_directory=store_dir, feature_dtype=job["dtype"])
     fit_seconds = time.perf_counter() - started
@@ -233,6 +258,7 @@ def run_child(job: dict) -> dict:
         "accuracy": approx,
         "removed": np.packbits(model.removed_mask_.reshape(-1)).tobytes().hex() if job.get("keep_removed") else None,
         "suspicion": model.suspicion_.tolist(),
+        "backbone_rate": backbone_rate,
     }
     if job["compare_exact"] and out["approximate"]:
         n = len(job["paths"])
@@ -295,6 +321,14 @@ def _print_tables(results: list[dict], fp16: dict | None) -> None:
             f"| {_gb(r['store_bytes'])} | {_gb(r['disk'])} |"
         )
     largest = results[-1]
+    rate = results[0].get("backbone_rate")
+    if rate:
+        floor = largest["n"] / rate
+        print(
+            f"\nThe backbone and patch aggregation alone (no decoding, no store) run at {rate:.2f} img/s on this "
+            f"machine: {floor / 60:.1f} min of the {largest['n']}-image fit's {largest['fit_seconds'] / 60:.1f} min; "
+            f"everything else takes {(largest['fit_seconds'] - floor) / 60:.1f} min."
+        )
     print(
         f"\nTargets at {largest['n']} images: fit {largest['fit_seconds'] / 60:.1f} min (<= 30), peak RSS "
         f"{_gb(largest['peak_rss'])} GB (<= 6), time per image {largest['fit_seconds'] / largest['n'] / base:.2f}x "
@@ -344,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16-check", action="store_true", help="also fit the smallest size on a float32 store")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per fit")
     parser.add_argument("--work", default=None, help="folder for images and stores (default: a temporary one)")
+    parser.add_argument("--results", default=None, help="append each size's measurements to this JSON-lines file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -368,10 +403,17 @@ def main(argv: list[str] | None = None) -> int:
                 "store_dir": str(work / f"store_{n}"),
                 "compare_exact": n <= args.exact_max,
                 "keep_removed": args.fp16_check and n == sizes[0],
+                "backbone_rate": n == sizes[0],
             }
             results.append(_child(job, work))
             shutil.rmtree(job["store_dir"], ignore_errors=True)
-            print(f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s", flush=True)
+            print(
+                f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s, peak RSS {_gb(results[-1]['peak_rss'])} GB",
+                flush=True,
+            )
+            if args.results:  # each size as it finishes, so that a run cut short keeps what it measured
+                with open(args.results, "a") as fh:
+                    fh.write(json.dumps({k: v for k, v in results[-1].items() if k != "suspicion"}) + "\n")
             if job["keep_removed"]:
                 full = _child(
                     {**job, "dtype": "float32", "compare_exact": False, "store_dir": str(work / f"store_{n}_f32")}, work

@@ -8,7 +8,7 @@ import streamlit as st
 from softpatch_app import keys, services
 from softpatch_app.cache import thumbnail_png
 from softpatch_app.data_sources import (
-    METHODS,
+    LOAD_WAYS,
     LoadRequest,
     add_to_training,
     apply_load,
@@ -62,8 +62,8 @@ def _loader_section(session: SessionData, kind: str) -> None:
     what = "training folder" if kind == "train" else "test folder"
     method = st.radio(
         f"How do you want to load the {what}?",
-        list(METHODS),
-        format_func=METHODS.get,
+        list(LOAD_WAYS),
+        format_func=LOAD_WAYS.get,
         horizontal=True,
         key=k.method,
         help=METHOD_HELP,
@@ -113,8 +113,9 @@ def _loader_section(session: SessionData, kind: str) -> None:
         help="Reads every file once and lists the ones it cannot use. What is loaded now stays until this succeeds.",
     ):
         with user_errors(f"load the {what}"):
-            with st.spinner(f"Reading and checking every image of the {what}…"):
-                loaded, upload_dir = read_request(session, env, paths, request)
+            bars = StageProgress(st.container())
+            loaded, upload_dir = read_request(session, env, paths, request, progress=bars)
+            bars.finish()
             session.notify("success", apply_load(session, kind, loaded, upload_dir))
             st.rerun()
 
@@ -149,7 +150,9 @@ def _add_images_section(session: SessionData) -> None:
         help="Appends the images to the current training set; fit again on the Denoise page afterwards.",
     ):
         with user_errors("add the images"):
-            extra = read_extra_images(session, env, paths, files or (), paths_text)
+            bars = StageProgress(st.container())
+            extra = read_extra_images(session, env, paths, files or (), paths_text, progress=bars)
+            bars.finish()
             session.notify("success", add_to_training(session, extra))
             st.rerun()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from softpatch_app import services
-from softpatch_app.embedding import MAX_POINTS, METHODS, POINT_CHOICES, layout_2d
+from softpatch_app.embedding import MAX_POINTS, POINT_CHOICES, PROJECTIONS, layout_2d
 from softpatch_app.guard import user_errors
 from softpatch_app.keys import CORESET
 from softpatch_app.plots import selected_points
@@ -28,7 +28,7 @@ def _controls_section() -> tuple[str, str, int]:
     c1, c2, c3 = st.columns(3)
     method = c1.radio(
         "Map method",
-        METHODS,
+        PROJECTIONS,
         horizontal=True,
         key=CORESET.method,
         help="t-SNE keeps close neighbours together; UMAP also keeps more of the global layout. Both are computed "

@@ -80,7 +80,7 @@ def _rule_section(session: SessionData, scores, labels) -> services.ThresholdRul
         rules,
         # Coming back to this page keeps the rule chosen before (the widget forgets its value between pages).
         index=rules.index(previous.kind) if previous is not None and previous.kind in rules else 0,
-        format_func=services.THRESHOLD_METHODS.get,
+        format_func=services.THRESHOLD_RULES.get,
         horizontal=True,
         key=DEPLOY.method,
         help=RULE_HELP,

@@ -17,6 +17,7 @@ from softpatch.deployment.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 from softpatch.errors import SoftPatchError
 from softpatch.evaluation.duplicates import DEFAULT_NEAR_RATIO
 from softpatch.evaluation.protocols import PROTOCOL_CHOICES
+from softpatch.runtime.progress import ProgressCallback
 
 # Which settings each command offers, by group; every option is derived from the settings' declaration.
 _BACKBONE_GROUP = (
@@ -189,7 +190,7 @@ def _config(args: argparse.Namespace) -> SoftPatchConfig:
     return SoftPatchConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)})
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool) -> ProgressCallback | None:
     if quiet or not sys.stderr.isatty():
         return None
     last = {"stage": None}
@@ -206,10 +207,10 @@ def _progress(quiet: bool):
     return show
 
 
-def _training_images(path: str) -> list:
+def _training_images(path: str, progress: ProgressCallback | None = None) -> list:
     from softpatch.io.datasets import scan_images
 
-    folder = scan_images(path)
+    folder = scan_images(path, progress=progress)
     for skipped in folder.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     return folder.records
@@ -260,7 +261,7 @@ def _fit_model(args: argparse.Namespace, records: list, *, build_memory_bank: bo
 def _cmd_fit(args: argparse.Namespace) -> int:
     from softpatch.deployment.bundle import save_bundle
 
-    records = _training_images(args.train_dir)
+    records = _training_images(args.train_dir, _progress(args.quiet))
     model = _fit_model(args, records)
     chosen = None
     if args.threshold_fpr is not None:
@@ -372,7 +373,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_vet(args: argparse.Namespace) -> int:
     from softpatch.io.csvsafe import write_csv
 
-    records = _training_images(args.train_dir)
+    records = _training_images(args.train_dir, _progress(args.quiet))
     # Vetting needs only features and noise scores; the memory bank is never built.
     model = _fit_model(args, records, build_memory_bank=False)
     rows = model.vetting_report().rows()

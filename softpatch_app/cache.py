@@ -78,20 +78,25 @@ def load_rgb(path: str | os.PathLike, limits: LoadLimits | None = None) -> Image
     return _image(file_token(path), limits.max_image_pixels)
 
 
-@st.cache_data(max_entries=20000, show_spinner=False)
-def _image_size(token: tuple) -> tuple[int, int]:
-    return image_size(token[0])  # the header only, through the core's format allow-list
+def _header_size(token: tuple) -> tuple[int, int]:
+    try:
+        return image_size(token[0])  # the header only, through the core's format allow-list
+    except Exception:  # noqa: BLE001 - a file that vanished or changed after loading: size unknown
+        return (0, 0)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _image_sizes(tokens: tuple[tuple, ...]) -> list[tuple[int, int]]:
+    return [_header_size(token) for token in tokens]
 
 
 def image_sizes(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
-    """(width, height) of each image, read from the file header (cached)."""
-    out = []
-    for p in paths:
-        try:
-            out.append(_image_size(file_token(p)))
-        except Exception:  # noqa: BLE001 - a file that vanished after loading: size unknown
-            out.append((0, 0))
-    return out
+    """(width, height) of each image, read from the file headers; (0, 0) where a file cannot be read.
+
+    One cache entry per list of files (not one per file): a page showing a 10,000-image folder's sizes pays
+    one lookup per rerun, and a changed file (its token) reads the headers again.
+    """
+    return _image_sizes(tuple(file_token(p) for p in paths))
 
 
 def mask_for(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:

@@ -17,6 +17,7 @@ from softpatch.errors import DataError, SoftPatchError
 from softpatch.io.datasets import ImageFolder, ImageRecord, SkippedFile, scan_images
 from softpatch.io.images import load_image
 from softpatch.io.paths import ReadScope, is_within
+from softpatch.runtime.progress import ProgressCallback
 from softpatch_app import loading
 from softpatch_app.cache import image_sizes
 from softpatch_app.server_paths import ServerPaths
@@ -24,7 +25,7 @@ from softpatch_app.settings import Environment
 from softpatch_app.state import SessionData, load_shared_demo
 
 # The four ways to load a set (the Data page's radio), in the order they are offered.
-METHODS = {
+LOAD_WAYS = {
     "demo": "Built-in demo data",
     "browser folder": "A folder from this computer",
     "zip": "A .zip file",
@@ -35,7 +36,7 @@ KINDS = ("train", "test")
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """What the user asked to load: the set (``kind``), the way (a key of ``METHODS``) and that way's input."""
+    """What the user asked to load: the set (``kind``), the way (a key of ``LOAD_WAYS``) and that way's input."""
 
     kind: str
     method: str
@@ -46,8 +47,8 @@ class LoadRequest:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DataError(f"unknown set {self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.method not in METHODS:
-            raise DataError(f"unknown way to load {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method not in LOAD_WAYS:
+            raise DataError(f"unknown way to load {self.method!r}: expected one of {', '.join(LOAD_WAYS)}")
 
     @property
     def ready(self) -> bool:
@@ -75,10 +76,15 @@ def remove_upload(session: SessionData, path: Path | None) -> None:
 
 
 def read_request(
-    session: SessionData, env: Environment, paths: ServerPaths, request: LoadRequest
+    session: SessionData,
+    env: Environment,
+    paths: ServerPaths,
+    request: LoadRequest,
+    progress: ProgressCallback | None = None,
 ) -> tuple[loading.LoadResult | loading.LoadedSplit, Path | None]:
     """Run one load: (a LoadResult for a training folder or a LoadedSplit for a test folder, the upload folder
-    or None). Raises ``SoftPatchError`` with a clear message; a failed upload leaves nothing behind."""
+    or None). Raises ``SoftPatchError`` with a clear message; a failed upload leaves nothing behind.
+    ``progress`` hears every file checked (the ``loading`` stage)."""
     limits, kind, method = env.limits, request.kind, request.method
     if method == "demo":
         result = load_shared_demo(env)
@@ -91,7 +97,7 @@ def read_request(
         root = paths.folder(request.server_path)
         label = f"{root} (server folder)"
         read = loading.read_test_folder if kind == "test" else loading.read_training_folder
-        return read(root, limits=limits, source=method, label=label, scope=paths.scope), None
+        return read(root, limits=limits, source=method, label=label, scope=paths.scope, progress=progress), None
     slot = session.slot(kind)
     if method == "browser folder":
         files = list(request.browser_files)
@@ -104,9 +110,13 @@ def read_request(
     own = ReadScope.of([session.workspace.path])  # an upload is read from this session's folder only
     try:
         if kind == "test":
-            split = loading.read_test_folder(root, limits=limits, source=method, label=label, scope=own)
+            split = loading.read_test_folder(
+                root, limits=limits, source=method, label=label, scope=own, progress=progress
+            )
             return loading.with_upload_skips(split, upload_skipped), upload_dir
-        result = loading.read_training_folder(root, limits=limits, source=method, label=label, scope=own)
+        result = loading.read_training_folder(
+            root, limits=limits, source=method, label=label, scope=own, progress=progress
+        )
         loading.with_upload_skips(result.train, upload_skipped)
         return result, upload_dir
     except Exception:
@@ -140,17 +150,25 @@ def apply_load(
 
 
 def read_extra_images(
-    session: SessionData, env: Environment, paths: ServerPaths, files: Sequence, paths_text: str
+    session: SessionData,
+    env: Environment,
+    paths: ServerPaths,
+    files: Sequence,
+    paths_text: str,
+    progress: ProgressCallback | None = None,
 ) -> ImageFolder:
     """Images to add to the training set: uploaded ``files`` and the server files or folders typed one per line
-    in ``paths_text``. Each bad file or line is listed as skipped; the others still load."""
+    in ``paths_text``. Each bad file or line is listed as skipped; the others still load. ``progress`` hears
+    every file of a folder checked."""
     records: list[ImageRecord] = []
     skipped: list[SkippedFile] = []
     if files:
         root, up_skipped = loading.save_browser_files(list(files), session.workspace, session.slot("added"), env.limits)
         skipped.extend(up_skipped)
         try:
-            folder = scan_images(root, limits=env.limits, scope=ReadScope.of([session.workspace.path]))
+            folder = scan_images(
+                root, limits=env.limits, scope=ReadScope.of([session.workspace.path]), progress=progress
+            )
             records.extend(folder.records)
             skipped.extend(folder.skipped)
         except DataError as exc:
@@ -164,7 +182,7 @@ def read_extra_images(
             path = paths.check(typed)
             if os.path.isdir(path):  # never raises (a name too long for the system is simply no folder)
                 root = paths.folder(typed)
-                folder = scan_images(root, limits=env.limits, scope=paths.scope)
+                folder = scan_images(root, limits=env.limits, scope=paths.scope, progress=progress)
                 records.extend(ImageRecord(r.path, relpath=f"{root.name}/{r.relpath}") for r in folder.records)
                 skipped.extend(SkippedFile(f"{root.name}/{s.path}", s.reason) for s in folder.skipped)
             else:

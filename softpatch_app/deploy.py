@@ -22,7 +22,7 @@ RULE_ORDER = ("good", "f1", "percentile", "manual")
 
 
 def available_rules(scores: np.ndarray | None, labels: np.ndarray | None) -> list[str]:
-    """The threshold rules (keys of ``services.THRESHOLD_METHODS``) that the test evidence allows: best F1
+    """The threshold rules (keys of ``services.THRESHOLD_RULES``) that the test evidence allows: best F1
     needs good and defective labels, a percentile needs scores."""
     has_both = services.has_both_classes(labels)
     return [
@@ -36,7 +36,7 @@ def remembered_rule(session: SessionData) -> services.ThresholdRule | None:
     """The rule chosen before (kept when the user comes back to the page, restored after a refresh)."""
     if isinstance(session.threshold_rule, services.ThresholdRule):
         return session.threshold_rule
-    if session.threshold_mode in services.THRESHOLD_METHODS:
+    if session.threshold_mode in services.THRESHOLD_RULES:
         return services.ThresholdRule(
             kind=session.threshold_mode, percentile=session.threshold_pct, value=float(session.threshold or 0.0)
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-METHODS = ("t-SNE", "UMAP")
+PROJECTIONS = ("t-SNE", "UMAP")  # the 2-D layouts the Coreset page offers
 # How many patches a map may show (the Coreset page's choices); a t-SNE of more takes too long for a page.
 POINT_CHOICES = (500, 1000, 2000, 3000)
 MAX_POINTS = 2000

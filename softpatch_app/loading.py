@@ -29,6 +29,7 @@ from softpatch.io.images import IMAGE_EXTENSIONS
 from softpatch.io.limits import LoadLimits
 from softpatch.io.paths import ReadScope, is_within
 from softpatch.io.safezip import extract_zip
+from softpatch.runtime.progress import ProgressCallback
 from softpatch_app.uploads import save_uploads
 from softpatch_app.workspace import Workspace
 
@@ -89,14 +90,21 @@ def _dataset_name(root: Path) -> str:
 
 
 def read_training_folder(
-    root: Path, *, limits: LoadLimits, source: str, label: str, scope: ReadScope | None = None
+    root: Path,
+    *,
+    limits: LoadLimits,
+    source: str,
+    label: str,
+    scope: ReadScope | None = None,
+    progress: ProgressCallback | None = None,
 ) -> LoadResult:
     """A training set from ``root``: an MVTec category (train/good + test) or any folder of images.
 
-    Nothing outside ``scope`` is read (see ``softpatch.io.paths.ReadScope``)."""
+    Nothing outside ``scope`` is read (see ``softpatch.io.paths.ReadScope``); ``progress`` hears every file
+    checked (the core's ``loading`` stage)."""
     root = Path(root)
     if is_mvtec_root(root):
-        ds = load_mvtec(root, limits=limits, scope=scope)
+        ds = load_mvtec(root, limits=limits, scope=scope, progress=progress)
         result = LoadResult(name=ds.name)
         result.train = LoadedSplit(ds.train, source, f"{label} · train/good")
         if len(ds.test):
@@ -107,7 +115,7 @@ def read_training_folder(
             )
         result.demo = load_demo_manifest(root)
         return result
-    folder = scan_images(root, limits=limits, scope=scope)
+    folder = scan_images(root, limits=limits, scope=scope, progress=progress)
     return LoadResult(name=_dataset_name(root), train=LoadedSplit(folder, source, label))
 
 
@@ -122,7 +130,13 @@ def _mask_base(root: Path, test_dir: Path, scope: ReadScope | None) -> Path | No
 
 
 def read_test_folder(
-    root: Path, *, limits: LoadLimits, source: str, label: str, scope: ReadScope | None = None
+    root: Path,
+    *,
+    limits: LoadLimits,
+    source: str,
+    label: str,
+    scope: ReadScope | None = None,
+    progress: ProgressCallback | None = None,
 ) -> LoadedSplit:
     """A test set from ``root``.
 
@@ -130,11 +144,11 @@ def read_test_folder(
     a folder of class subfolders (``good/`` = defect-free, any other name = defective) with masks in a
     ``ground_truth/<class>/`` folder inside it or next to it; or a flat folder of images (no labels).
     Nothing outside ``scope`` is read; class and mask folders that are symlinks out of the test folder
-    are skipped (their target is not named).
+    are skipped (their target is not named). ``progress`` hears every file checked.
     """
     root = Path(root)
     if is_mvtec_root(root):
-        ds = load_mvtec(root, limits=limits, scope=scope)
+        ds = load_mvtec(root, limits=limits, scope=scope, progress=progress)
         if not len(ds.test):
             raise DataError(f"{root} has no test/ images")
         return LoadedSplit(ds.test, source, label, labelled=True)
@@ -150,14 +164,14 @@ def read_test_folder(
     outside = sorted(p for p in subfolders if not is_within(p, test_dir))
     loose = [p for p in test_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not classes or loose:
-        folder = scan_images(test_dir, limits=limits, scope=scope)
+        folder = scan_images(test_dir, limits=limits, scope=scope, progress=progress)
         labelled = False
         return LoadedSplit(folder, source, label, labelled=labelled)
     records: list[ImageRecord] = []
     skipped: list[SkippedFile] = [SkippedFile(f"{p.name}/", OUTSIDE_REASON) for p in outside]
     for class_dir in classes:
         try:
-            part = scan_images(class_dir, limits=limits, scope=scope)
+            part = scan_images(class_dir, limits=limits, scope=scope, progress=progress)
         except DataError as exc:
             skipped.append(SkippedFile(f"{class_dir.name}/", str(exc)))
             continue

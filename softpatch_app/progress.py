@@ -7,6 +7,7 @@ import time
 import streamlit as st
 
 STAGE_TITLES = {
+    "loading": "Reading and checking every image",
     "features": "Extracting patch features",
     "discriminator": "Scoring patches for noise",
     "coreset": "Building the memory bank (coreset)",

@@ -483,7 +483,7 @@ def roc_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 # How the threshold is chosen; the sentence is what the pages, the bundle's caption and the report show.
-THRESHOLD_METHODS = {
+THRESHOLD_RULES = {
     "good": "From good training images alone (out-of-sample, false-alarm target)",
     "f1": "Best F1 on the labelled test images",
     "percentile": "A percentile of known-good test scores",
@@ -495,7 +495,7 @@ THRESHOLD_METHODS = {
 class ThresholdRule:
     """How the threshold is chosen; applied alike to SoftPatch and to the PatchCore comparison."""
 
-    kind: str = "good"  # a key of THRESHOLD_METHODS
+    kind: str = "good"  # a key of THRESHOLD_RULES
     target_fpr: float = DEFAULT_TARGET_FPR  # "good": share of good images allowed to be flagged
     exclude_top: int = 0  # "good": also leave out this many of the most suspicious training images
     percentile: float = 99.0  # "percentile"
@@ -570,7 +570,7 @@ def threshold_by_rule(
         choice = metrics.f1_threshold(labels, scores)
         return ChosenThreshold(
             choice.threshold,
-            f"{THRESHOLD_METHODS['f1']} (middle of the widest best-F1 range, margin {choice.margin:.3f})",
+            f"{THRESHOLD_RULES['f1']} (middle of the widest best-F1 range, margin {choice.margin:.3f})",
             True,
             f1=choice,
         )
@@ -581,11 +581,11 @@ def threshold_by_rule(
             value, f"{rule.percentile:g}th percentile of {len(good)} test scores taken as good", True
         )
     if rule.kind == "manual" and rule.value is not None:
-        return ChosenThreshold(float(rule.value), THRESHOLD_METHODS["manual"], False)
+        return ChosenThreshold(float(rule.value), THRESHOLD_RULES["manual"], False)
     good = good_image_threshold(session, model, rule, progress)
     return ChosenThreshold(
         good.threshold,
-        f"{THRESHOLD_METHODS['good']}: {good.target_fpr:.1%} target, {good.n_images} good images, "
+        f"{THRESHOLD_RULES['good']}: {good.target_fpr:.1%} target, {good.n_images} good images, "
         f"false-alarm rate at most {good.fpr_upper_bound:.1%} ({good.confidence:.0%} confidence)",
         False,
         good=good,

@@ -172,3 +172,28 @@ def test_progress_draws_one_bar_per_stage() -> None:
         "Scoring images",
     ]
     assert box.bars[0].calls[-1][0] == pytest.approx(1.0)
+
+
+def test_image_sizes_read_each_header_once_per_list_and_again_when_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from softpatch_app import cache
+
+    cache._image_sizes.clear()
+    reads: list[str] = []
+    real = cache.image_size
+    monkeypatch.setattr(cache, "image_size", lambda path: reads.append(str(path)) or real(path))
+    paths = []
+    for i, size in enumerate([(30, 20), (16, 16), (8, 40)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", size).save(paths[-1])
+    gone = tmp_path / "gone.png"
+    assert cache.image_sizes([*paths, gone]) == [(30, 20), (16, 16), (8, 40), (0, 0)]
+    assert len(reads) == 4
+    assert cache.image_sizes([*paths, gone]) == [(30, 20), (16, 16), (8, 40), (0, 0)]
+    assert len(reads) == 4, "a rerun of the page reads no header again"
+    Image.new("RGB", (12, 12)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # a new token even on a file system with coarse times
+    assert cache.image_sizes([*paths, gone])[1] == (12, 12)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from softpatch.errors import DataError
 from softpatch.io.datasets import (
+    PROGRESS_EVERY,
     Dataset,
     ImageFolder,
     ImageRecord,
@@ -224,12 +225,33 @@ def test_scan_deep_nesting(tmp_path: Path) -> None:
     assert scan_images(tmp_path).names == [f"{deep}/x.png"]
 
 
-def test_scan_2000_images_lists_each_once_in_order(tmp_path: Path) -> None:
+def test_scan_2000_images_lists_each_once_in_order_and_reports_progress(tmp_path: Path) -> None:
     data = _png(0, (32, 32))
     for i in range(2000):
         (tmp_path / f"{i:04d}.png").write_bytes(data)
-    folder = scan_images(tmp_path)
-    assert folder.names == [f"{i:04d}.png" for i in range(2000)] and not folder.skipped
+    (tmp_path / "notes.txt").write_text("not an image")
+    heard: list[tuple[float, str]] = []
+    folder = scan_images(tmp_path, progress=lambda fraction, message: heard.append((fraction, message)))
+    assert folder.names == [f"{i:04d}.png" for i in range(2000)] and len(folder.skipped) == 1
+    # Every PROGRESS_EVERY files and once at the end, in order, all in the loading stage.
+    assert len(heard) == 2000 // PROGRESS_EVERY + 1
+    assert [f for f, _ in heard] == sorted(f for f, _ in heard) and heard[-1][0] == 1.0
+    assert heard[0][1] == f"loading: {PROGRESS_EVERY} of 2,000 files checked"
+    assert heard[-1][1] == "loading: 2,000 of 2,000 files checked"
+
+
+def test_load_mvtec_reports_each_part_and_its_masks(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path / "bottle")
+    heard: list[tuple[float, str]] = []
+    load_mvtec(root, progress=lambda fraction, message: heard.append((fraction, message)))
+    finished = [m for f, m in heard if f == 1.0]
+    assert finished == [
+        "loading: 4 of 4 files of train/good/ checked",
+        "loading: 3 of 3 files of test/crack/ checked",
+        "loading: 2 of 2 files of test/good/ checked",
+        "loading: 2 of 2 files of test/scratch/ checked",
+        "loading: 4 of 4 masks checked",
+    ]
 
 
 # ---------------------------------------------------------------- MVTec AD layout

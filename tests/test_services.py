@@ -314,8 +314,11 @@ def test_a_server_folder_loads_and_replaces_the_training_set(session: SessionDat
     env = replace(read_environment({}), workdir=tmp_path / "work")
     paths = server_path_policy((synthetic_set.train_dir.parent,), env.workdir, "localhost")
     request = data_sources.LoadRequest(kind="train", method="server folder", server_path=str(synthetic_set.train_dir))
-    loaded, upload_dir = data_sources.read_request(session, env, paths, request)
+    heard: list[tuple[float, str]] = []
+    loaded, upload_dir = data_sources.read_request(session, env, paths, request, progress=lambda *a: heard.append(a))
     assert upload_dir is None and len(loaded.train) == len(synthetic_set.train)
+    n_files = len(synthetic_set.train)
+    assert heard[-1] == (1.0, f"loading: {n_files} of {n_files} files checked"), "the page's bar hears the scan"
     message = data_sources.apply_load(session, "train", loaded, upload_dir)
     assert message == f"Loaded {len(synthetic_set.train)} training images."
     assert session.model is None, "new training data drops the model"
@@ -331,6 +334,10 @@ def test_extra_images_list_each_bad_line_and_keep_the_test_set(session: SessionD
     text = f"{good}\n\n/etc/passwd\n{synthetic_set.train_dir.parent / 'missing.png'}\n"
     extra = data_sources.read_extra_images(session, env, paths, (), text)
     assert [r.path.name for r in extra.records] == [Path(good).name]
+    heard: list[tuple[float, str]] = []
+    folder_line = f"{synthetic_set.train_dir}\n"
+    added = data_sources.read_extra_images(session, env, paths, (), folder_line, progress=lambda *a: heard.append(a))
+    assert len(added.records) == len(synthetic_set.train) and heard[-1][0] == 1.0
     assert [s.path for s in extra.skipped] == ["/etc/passwd", str(synthetic_set.train_dir.parent / "missing.png")]
     test = LoadedSplit(ImageFolder(Path("."), [ImageRecord(Path(good))], []), "server folder", "t")
     session.test = test

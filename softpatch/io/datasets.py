@@ -20,6 +20,7 @@ from softpatch.errors import DataError, ImageLoadError
 from softpatch.io.images import IMAGE_EXTENSIONS, failure_reason, load_image, load_mask
 from softpatch.io.limits import DEFAULT_LIMITS, LoadLimits
 from softpatch.io.paths import ReadScope, is_within, unreadable_reason
+from softpatch.runtime.progress import ProgressCallback, report
 
 __all__ = [
     "Dataset",
@@ -43,6 +44,8 @@ NOT_IMAGE_REASON = "not an image file type"
 OUTSIDE_REASON = "symlink points outside the folder"
 EXCLUDED_REASON = "excluded folder (not readable through this path)"
 GOOD = "good"
+# A scan reports progress after this many decoded files: often enough for a bar, rarely enough to cost nothing.
+PROGRESS_EVERY = 64
 
 
 def is_hidden_name(name: str) -> bool:
@@ -246,30 +249,53 @@ def _walk(root: Path, skipped: list[SkippedFile], scope: ReadScope | None = None
 
 
 def _decode_all(
-    paths: Sequence[Path], limits: LoadLimits, decode: Callable[[Path, LoadLimits], object] = load_image
+    paths: Sequence[Path],
+    limits: LoadLimits,
+    decode: Callable[[Path, LoadLimits], object] = load_image,
+    *,
+    progress: ProgressCallback | None = None,
+    what: str = "files",
 ) -> list[str | None]:
     """Decode every file once with ``decode``: per file None when it decodes, else the reason it does not.
 
     Pillow releases the GIL while decoding, so a small thread pool helps; it stays small because each
-    worker may hold one full-size decoded image.
+    worker may hold one full-size decoded image. ``progress`` hears ``"loading: <i> of <n> <what> checked"``
+    every ``PROGRESS_EVERY`` files and at the end (a 10,000-image folder takes minutes).
     """
 
-    def check(path: Path, limits: LoadLimits) -> str | None:
+    def check(path: Path) -> str | None:
         try:
             decode(path, limits)
         except ImageLoadError as exc:
             return failure_reason(exc)
         return None
 
-    workers = min(4, os.cpu_count() or 1, max(1, len(paths)))
+    total = len(paths)
+    reasons: list[str | None] = []
+
+    def collect(results: Iterator[str | None]) -> None:
+        for reason in results:
+            reasons.append(reason)
+            done = len(reasons)
+            if done % PROGRESS_EVERY == 0 or done == total:
+                report(progress, done / total, f"loading: {done:,} of {total:,} {what} checked")
+
+    workers = min(4, os.cpu_count() or 1, max(1, total))
     if workers == 1:
-        return [check(p, limits) for p in paths]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: check(p, limits), paths))
+        collect(map(check, paths))
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            collect(pool.map(check, paths))
+    return reasons
 
 
 def _scan_folder(
-    folder: Path, limits: LoadLimits, *, prefix: PurePosixPath | None = None, scope: ReadScope | None = None
+    folder: Path,
+    limits: LoadLimits,
+    *,
+    prefix: PurePosixPath | None = None,
+    scope: ReadScope | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[list[ImageRecord], list[SkippedFile]]:
     """Decoded-and-usable records plus skipped files; relpaths get ``prefix`` prepended. Never empty-checks."""
     prefix = prefix or PurePosixPath()
@@ -279,7 +305,8 @@ def _scan_folder(
         reason = f"over the file limit (LoadLimits.max_files={limits.max_files})"
         skipped.extend(SkippedFile(str(c.rel), reason) for c in candidates[limits.max_files :])
         candidates = candidates[: limits.max_files]
-    reasons = _decode_all([c.path for c in candidates], limits)
+    what = f"files of {prefix}/" if prefix.parts else "files"
+    reasons = _decode_all([c.path for c in candidates], limits, progress=progress, what=what)
     records = []
     for c, reason in zip(candidates, reasons, strict=True):
         if reason is None:
@@ -311,7 +338,11 @@ def _no_images_error(root: Path, skipped: Sequence[SkippedFile]) -> DataError:
 
 
 def scan_images(
-    root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None
+    root: str | os.PathLike,
+    *,
+    limits: LoadLimits | None = None,
+    scope: ReadScope | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ImageFolder:
     """All decodable images under ``root`` (recursive), sorted by relative path.
 
@@ -319,14 +350,14 @@ def scan_images(
     over-the-limit files, and folders excluded by ``scope``, are listed in ``skipped`` with a reason.
     Files without an extension are tried by content. Raises ``DataError`` when ``root`` is outside
     ``scope`` (checked first, so nothing outside is even looked at), missing, a file, unreadable, or has
-    no usable image.
+    no usable image. ``progress`` hears the ``loading`` stage as files are decoded.
     """
     limits = limits or DEFAULT_LIMITS
     refusal = _out_of_scope(root, scope)
     if refusal is not None:
         raise refusal
     folder = _check_root(root)
-    records, skipped = _scan_folder(folder, limits, scope=scope)
+    records, skipped = _scan_folder(folder, limits, scope=scope, progress=progress)
     if not records:
         raise _no_images_error(folder, skipped)
     return ImageFolder(root=folder, records=records, skipped=skipped)
@@ -369,7 +400,13 @@ def find_mask(rel_in_defect: PurePosixPath, masks: dict[str, Path]) -> Path | No
     return None
 
 
-def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, scope: ReadScope | None = None) -> Dataset:
+def load_mvtec(
+    root: str | os.PathLike,
+    *,
+    limits: LoadLimits | None = None,
+    scope: ReadScope | None = None,
+    progress: ProgressCallback | None = None,
+) -> Dataset:
     """A category in MVTec AD layout: ``train/good/``, ``test/<defect>/``, ``ground_truth/<defect>/``.
 
     Train records are label 0. Test records are label 0 in ``test/good`` and label 1 (``defect`` = the
@@ -381,7 +418,7 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, sco
     test set. Every part (``train/good``, ``test``, each defect folder, each mask folder) must resolve
     inside ``root``: a symlinked part pointing out of it is refused or skipped, never read. Raises
     ``DataError`` when ``root`` is outside ``scope``, ``train/good`` is missing, points outside ``root``
-    or holds no usable image.
+    or holds no usable image. ``progress`` hears the ``loading`` stage, one part (folder) after another.
     """
     limits = limits or DEFAULT_LIMITS
     refusal = _out_of_scope(root, scope)
@@ -394,7 +431,7 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, sco
     if not is_within(train_dir, base):
         raise DataError(f"{base}: train/good/ is a symlink that points outside the folder; it is not read")
     train_records, train_skipped = _scan_folder(
-        _check_root(train_dir), limits, prefix=PurePosixPath("train/good"), scope=scope
+        _check_root(train_dir), limits, prefix=PurePosixPath("train/good"), scope=scope, progress=progress
     )
     if not train_records:
         raise _no_images_error(train_dir, train_skipped)
@@ -422,7 +459,9 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, sco
         masks_to_check: list[tuple[int, Path]] = []
         for defect_dir in defect_dirs:
             defect = defect_dir.name
-            records, skipped = _scan_folder(defect_dir, limits, prefix=PurePosixPath("test", defect), scope=scope)
+            records, skipped = _scan_folder(
+                defect_dir, limits, prefix=PurePosixPath("test", defect), scope=scope, progress=progress
+            )
             test_skipped.extend(skipped)
             label = 0 if defect == GOOD else 1
             masks = {} if label == 0 else mask_index(base / "ground_truth" / defect, within=base, scope=scope)
@@ -436,7 +475,7 @@ def load_mvtec(root: str | os.PathLike, *, limits: LoadLimits | None = None, sco
                     ImageRecord(path=record.path, label=label, defect=defect, mask_path=mask, relpath=record.relpath)
                 )
         # Masks are decoded up front too, so that pixel metrics never meet an unreadable one.
-        reasons = _decode_all([m for _, m in masks_to_check], limits, decode=load_mask)
+        reasons = _decode_all([m for _, m in masks_to_check], limits, decode=load_mask, progress=progress, what="masks")
         for (i, mask), reason in zip(masks_to_check, reasons, strict=True):
             if reason is not None:
                 test_skipped.append(SkippedFile(str(mask.relative_to(base).as_posix()), f"mask not used: {reason}"))

@@ -394,6 +394,7 @@ def compute_neighbours(
             index_out.write(start, indices.numpy())
         report(progress, stop / p, f"discriminator: neighbours at {stop}/{p} positions")
 
+    report(progress, 0.0, f"discriminator: neighbours at 0/{p} positions")  # the bar shows before the first chunk
     run_in_chunks(p, step, device, work)
     return NeighbourCache(dist_out, index_out, None if reference is None else np.asarray(reference, dtype=np.int64))
 

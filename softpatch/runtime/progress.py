@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 # fraction: 0..1 done of the current stage; message: "<stage>: <detail>", stage one of
-# features, discriminator, coreset, scoring, maps, metrics, threshold, duplicates.
+# loading, features, discriminator, coreset, scoring, maps, metrics, threshold, duplicates.
 ProgressCallback = Callable[[float, str], None]
 
 
