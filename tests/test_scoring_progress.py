@@ -35,6 +35,24 @@ def test_every_search_step_and_every_map_block_reports(
     np.testing.assert_allclose(result.anomaly_maps, whole, rtol=1e-6, atol=1e-6)
 
 
+def test_the_neighbour_search_of_auto_reports_before_the_discriminator(
+    small_config, extractor, train_embeddings
+) -> None:
+    from softpatch.method.model import SoftPatch
+
+    messages, progress = _recorder()
+    model = SoftPatch(small_config.replace(discriminator="auto"), extractor=extractor)
+    model.fit_embeddings(train_embeddings, build_memory_bank=False, progress=progress)
+    texts = [m for _, m in messages]
+    p = train_embeddings.features.shape[1]
+    assert texts[0] == f"discriminator: neighbours at 0/{p} positions", "the bar shows before the search runs"
+    last_search = max(i for i, m in enumerate(texts) if m.startswith("discriminator: neighbours"))
+    assert texts[last_search] == f"discriminator: neighbours at {p}/{p} positions"
+    scoring = [i for i, m in enumerate(texts) if m.startswith("discriminator: lof at")]
+    assert scoring and min(scoring) > last_search
+    assert sum(m == f"discriminator: neighbours at 0/{p} positions" for m in texts) == 1, "searched once"
+
+
 def test_without_maps_there_is_no_map_stage(fitted, eval_embeddings) -> None:
     messages, progress = _recorder()
     fitted.score(eval_embeddings, with_maps=False, progress=progress)

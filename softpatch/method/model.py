@@ -555,6 +555,10 @@ class SoftPatch:
     def _ensure_scores(self, progress: ProgressCallback | None) -> torch.Tensor:
         """The current discriminator's ``(N, P)`` scores, computed once per setting and cached."""
         state = self._check_fitted()
+        if self.config.discriminator == AUTO:
+            # "auto" chooses from the images' suspicion, which needs the neighbour search: run it here, where it
+            # reports progress, not silently inside the choice (minutes at 10,000 images). A no-op once cached.
+            self._neighbours(progress=progress)
         key = self._score_key(self.config)
         if key in state.scores:
             return state.scores[key]
