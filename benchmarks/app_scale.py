@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     step("first launch (demo data)", at.run)
     loader = LOADERS["train"]
     at.radio(key=loader.method).set_value("server folder").run()
-    at.text_input(key=loader.server_path).set_value(str(folder))
+    at.text_input(key=loader.server_path).set_value(str(folder)).run()
     step("Data: load the folder (every image decoded once)", lambda: button(at, "Load this").click().run())
     step("Data: page drawn again", at.run)
     step("Denoise: open", lambda: at.switch_page("pages/2_denoise.py").run())
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     step("Denoise: page drawn again", at.run)
     step("Denoise: move tau", lambda: at.slider(key=DENOISE.tau).set_value(0.2).run())
     step("Review: open", lambda: at.switch_page("pages/3_review.py").run())
-    step("Review: next image", lambda: at.run())
+    step("Review: page drawn again", at.run)
     step("Coreset: open (map on a sample)", lambda: at.switch_page("pages/4_coreset.py").run())
     step("Coreset: page drawn again (cached map)", at.run)
     step("Deploy: open (threshold from good images, 5 folds)", lambda: at.switch_page("pages/6_deploy.py").run())
