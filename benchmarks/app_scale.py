@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000, help="training images (default 10,000)")
     parser.add_argument("--work", default=None, help="folder for the images and the app's work folder")
+    parser.add_argument("--skip-deploy", action="store_true", help="do not open Deploy (5 refits for its threshold)")
     args = parser.parse_args(argv)
     if not WEIGHTS.is_file():
         sys.exit(f"needs the shared MobileNet weights at {WEIGHTS}")
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     step("Review: page drawn again", at.run)
     step("Coreset: open (map on a sample)", lambda: at.switch_page("pages/4_coreset.py").run())
     step("Coreset: page drawn again (cached map)", at.run)
-    step("Deploy: open (threshold from good images, 5 folds)", lambda: at.switch_page("pages/6_deploy.py").run())
-    step("Deploy: page drawn again", at.run)
+    if not args.skip_deploy:
+        step("Deploy: open (threshold from good images, 5 folds)", lambda: at.switch_page("pages/6_deploy.py").run())
+        step("Deploy: page drawn again", at.run)
     step("Data: open", lambda: at.switch_page("pages/1_data.py").run())
 
     print(f"\n## The app at {args.images:,} images (MobileNet v1 at 128/112, CPU)\n")

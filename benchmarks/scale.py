@@ -22,6 +22,7 @@ the exact path at 2,000 images.
 
     python benchmarks/scale.py                               # 1000, 2000, 5000, 10000 (hours)
     python benchmarks/scale.py --sizes 1000,2000 --fp16-check
+    python benchmarks/scale.py --sizes 2000 --real-weights   # accuracy vs the exact search on ImageNet features
     python benchmarks/scale.py --quick                       # 64 and 128 images, tiny backbone: proves it runs
     python benchmarks/scale.py --results scale.jsonl         # also keep each size's figures as it finishes
 """
@@ -59,6 +60,14 @@ QUICK_CONFIG = {
     "neighbour_reference": 48,  # so that the 128-image quick run takes the approximate path
 }
 FULL_CONFIG = {"backbone": "wide_resnet50_2", "pretrained": False}
+SHARED = Path(os.environ.get("SOFTPATCH_SHARED_DIR", ROOT.parent / "shared"))
+# --real-weights: ImageNet features (the shared MobileNet v1), for accuracy against the exact search; random
+# features rank images by chance, so only real ones can show that the approximate search keeps the ranking.
+REAL_CONFIG = {
+    "backbone": "mobilenetv1_100",
+    "weights": str(SHARED / "weights" / "mobilenetv1_100_keras_in1k.safetensors"),
+    "backbone_kwargs": {"bn_eps": 0.001, "pad_type": "same"},
+}
 STAGES = ("features", "neighbours", "discriminator", "coreset", "scoring")
 
 
@@ -376,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 and 128 images, resnet18 at 128/112: proves it runs")
     parser.add_argument("--exact-max", type=int, default=2000, help="compare with the exact search up to this size")
     parser.add_argument("--fp16-check", action="store_true", help="also fit the smallest size on a float32 store")
+    parser.add_argument(
+        "--real-weights", action="store_true", help="the shared ImageNet MobileNet v1 instead of random wide_resnet50_2"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per fit")
     parser.add_argument("--work", default=None, help="folder for images and stores (default: a temporary one)")
     parser.add_argument("--results", default=None, help="append each size's measurements to this JSON-lines file")
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_child(json.loads(Path(args.child).read_text()))))
         return 0
     sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
-    config = QUICK_CONFIG if args.quick else FULL_CONFIG
+    config = QUICK_CONFIG if args.quick else REAL_CONFIG if args.real_weights else FULL_CONFIG
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="softpatch-scale-"))
     try:
         started = time.perf_counter()
