@@ -313,13 +313,13 @@ def _gb(n: float) -> str:
 
 def _print_tables(results: list[dict], fp16: dict | None) -> None:
     print("\n## Fit per stage\n")
-    print("| images | stage | time (s) | peak RSS (GB) |")
+    print("| images | stage | time (s) | peak RSS (GiB) |")
     print("|---:|---|---:|---:|")
     for r in results:
         for stage, v in r["stages"].items():
             print(f"| {r['n']} | {stage} | {v['seconds']:.1f} | {_gb(v['peak_rss'])} |")
     print("\n## Whole fit\n")
-    print("| images | search | fit (s) | s/image | x vs smallest | peak RSS (GB) | store (GB) | disk used (GB) |")
+    print("| images | search | fit (s) | s/image | x vs smallest | peak RSS (GiB) | store (GiB) | disk used (GiB) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     base = results[0]["fit_seconds"] / results[0]["n"]
     for r in results:
@@ -340,7 +340,7 @@ def _print_tables(results: list[dict], fp16: dict | None) -> None:
         )
     print(
         f"\nTargets at {largest['n']} images: fit {largest['fit_seconds'] / 60:.1f} min (<= 30), peak RSS "
-        f"{_gb(largest['peak_rss'])} GB (<= 6), time per image {largest['fit_seconds'] / largest['n'] / base:.2f}x "
+        f"{_gb(largest['peak_rss'])} GiB (<= 6), time per image {largest['fit_seconds'] / largest['n'] / base:.2f}x "
         "the smallest size's (<= 1.5)."
     )
     compared = [r for r in results if "exact" in r]
@@ -375,7 +375,7 @@ def _print_tables(results: list[dict], fp16: dict | None) -> None:
             f"\nfloat16 vs float32 store at {half['n']} images: removed patches {same:.5f} the same, top-2% suspects "
             f"{kept:.3f} kept, vetting AUROC {ha['vetting_auroc']:.4f} / {fa['vetting_auroc']:.4f}, image AUROC "
             f"{ha['image_auroc']:.4f} / {fa['image_auroc']:.4f}, pixel AUROC {ha['pixel_auroc']:.4f} / "
-            f"{fa['pixel_auroc']:.4f}; store {_gb(half['store_bytes'])} / {_gb(full['store_bytes'])} GB."
+            f"{fa['pixel_auroc']:.4f}; store {_gb(half['store_bytes'])} / {_gb(full['store_bytes'])} GiB."
         )
 
 
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_child(job, work))
             shutil.rmtree(job["store_dir"], ignore_errors=True)
             print(
-                f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s, peak RSS {_gb(results[-1]['peak_rss'])} GB",
+                f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s, peak RSS {_gb(results[-1]['peak_rss'])} GiB",
                 flush=True,
             )
             if args.results:  # each size as it finishes, so that a run cut short keeps what it measured

@@ -399,9 +399,12 @@ def duplicates(session: SessionData, progress=None):
 
 
 def _training_features(model: SoftPatch):
-    """The fitted model's training features (N, P, D), or None when it has none (loaded from a bundle)."""
+    """The fitted model's training features (N, P, D): its feature store (read by chunks, and the same object on
+    every rerun, so the memo holds), the tensor of an in-memory fit, or None when it has none (a bundle)."""
     from softpatch.errors import SoftPatchError
 
+    if model.feature_store_ is not None:
+        return model.feature_store_
     try:
         return model.train_features_
     except SoftPatchError:
@@ -706,7 +709,8 @@ def coreset_view(session: SessionData, max_points: object, progress=None) -> Cor
     sel_bank, sel_removed = subsample(len(bank), len(removed_prov), max_points=map_sample_size(max_points))
     removed_prov = removed_prov[sel_removed]
     image, position = patch_positions(removed_prov, grid)
-    removed_points = model.train_features_.numpy()[image, position]
+    p = grid[0] * grid[1]
+    removed_points = model.training_patches(image * p + position).numpy()  # the sample only, never all features
     points = np.concatenate([bank.features[sel_bank].numpy(), removed_points], axis=0)
     prov = np.concatenate([np.asarray(bank.provenance)[sel_bank], removed_prov], axis=0)
     is_removed = np.concatenate([np.zeros(len(sel_bank), bool), np.ones(len(sel_removed), bool)])

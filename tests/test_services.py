@@ -150,6 +150,38 @@ def test_the_map_sample_is_capped_and_its_size_reported(session: SessionData) ->
     assert 0 < len(removed) < view.sample_size
 
 
+def test_the_map_and_the_duplicates_never_read_all_training_features(
+    session: SessionData, small_config, extractor, synthetic_set, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 10,000 images all features are 30 GB in float32: the pages read the store's rows they need, never all."""
+    from softpatch.evaluation.duplicates import descriptors
+    from softpatch.method.model import SoftPatch
+
+    model = SoftPatch(small_config, extractor=extractor).fit(list(synthetic_set.train))
+    store = model.feature_store_
+    assert store is not None
+    everything = model.train_features_.numpy()  # read here, before reading it all is forbidden
+    session.model = model
+
+    def forbidden(self):
+        raise AssertionError("the page read every training feature")
+
+    monkeypatch.setattr(SoftPatch, "train_features_", property(forbidden))
+    view = services.coreset_view(session, 40)
+    removed = np.flatnonzero(view.is_removed)
+    assert len(removed) > 0
+    image, position = services.patch_positions(view.provenance[removed], model.grid_shape_)
+    np.testing.assert_array_equal(view.points[removed], everything[image, position])
+    found = services.duplicates(session)
+    assert found is not None and found.checked_features
+    assert services.duplicates(session) is found, "the same store on a rerun: the memo holds"
+    import torch
+
+    torch.testing.assert_close(
+        descriptors(store, model.grid_shape_), descriptors(torch.from_numpy(everything), model.grid_shape_)
+    )
+
+
 def test_the_coreset_view_says_how_the_bank_was_chosen_and_when_the_budget_cut_it(session: SessionData) -> None:
     view = services.coreset_view(session, 40)
     kept = int((~session.model.removed_mask_).sum())

@@ -29,10 +29,13 @@ from softpatch.runtime.progress import ProgressCallback, report
 if TYPE_CHECKING:
     import torch
 
+    from softpatch.io.feature_store import FeatureStore
+
 __all__ = ["DEFAULT_NEAR_RATIO", "DuplicateGroup", "DuplicateReport", "find_duplicates", "pixel_hash"]
 
 DEFAULT_NEAR_RATIO = 0.1
 _BLOCKS = 7  # descriptor grid: at most 7 x 7 pooled blocks of patch features
+_STORE_IMAGES_PER_READ = 64  # images read from a feature store at once (about 200 MB at 224 px)
 
 
 @dataclass(frozen=True)
@@ -121,18 +124,25 @@ def pixel_hash(source: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def descriptors(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def descriptors(features: torch.Tensor | FeatureStore, grid: tuple[int, int]) -> torch.Tensor:
     """(n, P, D) patch features -> (n, D * h * w) layout-keeping image descriptors, h, w <= 7.
 
     The grid is average-pooled to at most 7 x 7 blocks: the layout is kept (a mirrored part is another
-    picture) while the descriptor stays small whatever the crop (49 * D values per image).
+    picture) while the descriptor stays small whatever the crop (49 * D values per image). A ``FeatureStore``
+    is read ``_STORE_IMAGES_PER_READ`` images at a time, never whole (10,000 images are 30 GB in float32).
     """
     import torch
+
+    from softpatch.io.feature_store import FeatureStore
 
     n, p, d = features.shape
     h, w = grid
     if h * w != p:
         raise SoftPatchError(f"features of {p} positions do not fit the grid {h}x{w}")
+    if isinstance(features, FeatureStore):
+        step = _STORE_IMAGES_PER_READ
+        parts = [descriptors(features.read_images(a, min(a + step, n)), grid) for a in range(0, n, step)]
+        return torch.cat(parts) if parts else torch.empty(0, d * min(h, _BLOCKS) * min(w, _BLOCKS))
     x = features.reshape(n, h, w, d).permute(0, 3, 1, 2).float()
     return torch.nn.functional.adaptive_avg_pool2d(x, (min(h, _BLOCKS), min(w, _BLOCKS))).reshape(n, -1)
 
@@ -159,7 +169,7 @@ def find_duplicates(
     train: Sequence[str | os.PathLike],
     test: Sequence[str | os.PathLike] = (),
     *,
-    train_features: torch.Tensor | None = None,
+    train_features: torch.Tensor | FeatureStore | None = None,
     test_features: torch.Tensor | None = None,
     grid: tuple[int, int] | None = None,
     near_ratio: float = DEFAULT_NEAR_RATIO,
@@ -167,8 +177,8 @@ def find_duplicates(
 ) -> DuplicateReport:
     """Exact and near duplicates within ``train`` and between ``train`` and ``test`` (paths; names = ``str(path)``).
 
-    train_features (N, P, D) / test_features (n, P, D): patch features in the same order (``SoftPatch.embed``
-    or a fitted model's ``train_features_``), with ``grid`` (H, W) = P positions; without them only identical
+    train_features (N, P, D) / test_features (n, P, D): patch features in the same order (``SoftPatch.embed``,
+    or a fitted model's ``feature_store_`` / ``train_features_``), with ``grid`` (H, W) = P positions; without them only identical
     pixels are looked for (test features are needed for near train-test duplicates). Images that cannot be
     decoded are listed in ``unreadable`` and skipped.
     """

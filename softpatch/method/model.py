@@ -752,6 +752,14 @@ class SoftPatch:
             raise SoftPatchError("this model was loaded from a bundle and has no training features")
         return features if isinstance(features, torch.Tensor) else features.to_tensor()
 
+    def training_patches(self, flat_indices: np.ndarray) -> torch.Tensor:
+        """``(n, D)`` float32 features of the training patches at ``flat_indices`` (image * P + position, the
+        layout of ``removed_mask_.reshape(-1)``), read from the store without loading the other patches."""
+        features = self._check_fitted().features
+        if features is None:
+            raise SoftPatchError("this model was loaded from a bundle and has no training features")
+        return _gather(features, np.asarray(flat_indices, dtype=np.int64))
+
     @property
     def feature_store_(self) -> FeatureStore | None:
         """The on-disk store the training features live in (None when they are in memory or absent)."""
