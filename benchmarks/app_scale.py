@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import scale  # noqa: E402 - the augmented magnetic_tile folders
 
-SHARED = Path(os.environ.get("SOFTPATCH_SHARED_DIR", ROOT.parent / "shared"))
-WEIGHTS = SHARED / "weights" / "mobilenetv1_100_keras_in1k.safetensors"
+WEIGHTS = Path(scale.REAL_CONFIG["weights"])  # the shared ImageNet MobileNet v1, as scale.py --real-weights
 APP = str(ROOT / "app.py")
 
 
@@ -64,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             os.link(p, folder / Path(p).name)
     print(f"{args.images} images ready in {time.perf_counter() - started:.0f} s", flush=True)
     os.environ.update(
-        SOFTPATCH_BACKBONE="mobilenetv1_100",
+        SOFTPATCH_BACKBONE=scale.REAL_CONFIG["backbone"],
         SOFTPATCH_WEIGHTS=str(WEIGHTS),
-        SOFTPATCH_BACKBONE_KWARGS='{"bn_eps": 0.001, "pad_type": "same"}',
+        SOFTPATCH_BACKBONE_KWARGS=json.dumps(scale.REAL_CONFIG["backbone_kwargs"]),
         SOFTPATCH_RESIZE="128",
         SOFTPATCH_CROP="112",
         SOFTPATCH_DEVICE="cpu",

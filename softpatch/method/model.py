@@ -747,18 +747,19 @@ class SoftPatch:
     def train_features_(self) -> torch.Tensor:
         """``(N, P, D)`` float32 training features as one tensor (read whole from the store of a fit from
         images: for large folders use ``feature_store_``, read by chunks)."""
-        features = self._check_fitted().features
-        if features is None:
-            raise SoftPatchError("this model was loaded from a bundle and has no training features")
+        features = self._training_features()
         return features if isinstance(features, torch.Tensor) else features.to_tensor()
 
     def training_patches(self, flat_indices: np.ndarray) -> torch.Tensor:
         """``(n, D)`` float32 features of the training patches at ``flat_indices`` (image * P + position, the
         layout of ``removed_mask_.reshape(-1)``), read from the store without loading the other patches."""
+        return _gather(self._training_features(), np.asarray(flat_indices, dtype=np.int64))
+
+    def _training_features(self) -> FeatureSource:
         features = self._check_fitted().features
         if features is None:
             raise SoftPatchError("this model was loaded from a bundle and has no training features")
-        return _gather(features, np.asarray(flat_indices, dtype=np.int64))
+        return features
 
     @property
     def feature_store_(self) -> FeatureStore | None:
