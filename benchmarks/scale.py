@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per fit")
     parser.add_argument("--work", default=None, help="folder for images and stores (default: a temporary one)")
     parser.add_argument("--results", default=None, help="append each size's measurements to this JSON-lines file")
+    parser.add_argument(
+        "--keep-stores", action="store_true", help="keep each size's feature store under --work (for stage benchmarks)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                 "backbone_rate": n == sizes[0],
             }
             results.append(_child(job, work))
-            shutil.rmtree(job["store_dir"], ignore_errors=True)
+            if not args.keep_stores:
+                shutil.rmtree(job["store_dir"], ignore_errors=True)
             print(
                 f"fitted {n} images in {results[-1]['fit_seconds']:.1f} s, peak RSS {_gb(results[-1]['peak_rss'])} GiB",
                 flush=True,

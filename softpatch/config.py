@@ -224,8 +224,8 @@ class SoftPatchConfig:
     )
     neighbour_reference: int = _setting(
         1024,
-        help="images each patch is compared with at its position: all of them up to this many, else a seeded "
-        "sample of this many (cost linear in the images)",
+        help="images each patch is compared with at its position: all of them up to this many, else the "
+        "this many that look most like its image (groups of look-alike images; cost linear in the images)",
         kind="int",
         role="retune",
         low=2,

@@ -118,6 +118,24 @@ def make_mvtec(root: Path, *, n_train: int = 12, n_test_good: int = 5, n_test_ba
     return root
 
 
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pytest.skip("peak RSS cannot be reset here (/proc/self/clear_refs)")
+    return status_bytes("VmRSS")
+
+
+def status_bytes(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    pytest.skip(f"no {key} in /proc/self/status")
+
+
 @pytest.fixture(scope="session")
 def small_config() -> SoftPatchConfig:
     """Random-init resnet18 at crop 64 (8x8 grid), small features: fits in well under a second on a CPU."""

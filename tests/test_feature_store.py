@@ -17,7 +17,7 @@ from softpatch.errors import ResourceError
 from softpatch.io.feature_store import DATA, HEADER, DiskArray, FeatureStore, FeatureStoreError
 from softpatch.method import model as model_module
 from softpatch.method.model import SoftPatch
-from tests.conftest import SHARED
+from tests.conftest import SHARED, reset_peak_rss, status_bytes
 
 
 def _features(n: int = 10, p: int = 6, d: int = 5, seed: int = 0) -> torch.Tensor:
@@ -83,6 +83,24 @@ def test_an_offset_is_removed_before_storing_and_added_back_on_reading(tmp_path:
     torch.testing.assert_close(store.gather(flat), expected.reshape(-1, 5)[flat], rtol=0, atol=1e-6)
     plain = _filled(tmp_path, x, dtype="float16", name="plain")
     assert (store.to_tensor() - x).abs().max() < (plain.to_tensor() - x).abs().max() / 10
+
+
+def test_gathering_many_patches_holds_little_beside_the_result(tmp_path: Path) -> None:
+    # The memory bank is gathered from the store: 2 GiB at 10,000 images. Adding the offset to all rows at once
+    # made a second array of the result's size; by blocks it is a block's worth.
+    n, p, d = 400, 784, 256
+    store = FeatureStore.create(tmp_path / "s", n, p, d, dtype="float16", offset=torch.ones(p, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 100):
+        store.write_images(start, rng.normal(size=(100, p, d)).astype(np.float32))
+    flat = np.sort(rng.choice(n * p, size=250_000, replace=False))
+    result_bytes = flat.size * d * 4
+    before = reset_peak_rss()
+    rows = store.gather(flat)
+    grown = status_bytes("VmHWM") - before
+    assert rows.shape == (flat.size, d)
+    np.testing.assert_array_equal(rows[:5].numpy(), store.read_images(0, n).reshape(-1, d)[flat[:5]].numpy())
+    assert grown < 1.5 * result_bytes, f"gathering {result_bytes / 1024**2:.0f} MiB took {grown / 1024**2:.0f} MiB"
 
 
 def test_float16_store_rounds_like_torch_half(tmp_path: Path) -> None:

@@ -44,21 +44,41 @@ def test_a_reference_of_all_images_gives_the_exact_neighbours() -> None:
     assert torch.equal(full.index, exact.index)
 
 
-def test_neighbours_among_a_reference_are_its_nearest_other_members(tmp_path: Path) -> None:
+def test_neighbours_are_the_nearest_among_their_groups_candidates(tmp_path: Path) -> None:
     x = _features(40, seed=1)
     reference = reference_images(40, 12, seed=3)
     assert reference is not None and len(reference) == 12 and reference_images(12, 12, seed=3) is None
     cache = compute_neighbours(x, 4, device=CPU, budget_bytes=1, reference=reference, directory=tmp_path)
     assert isinstance(cache.dist, DiskArray) and cache.dist.path.parent == tmp_path
+    plan = cache.plan
+    assert plan is not None and np.array_equal(np.sort(np.concatenate(plan.groups)), np.arange(40))
+    for members, candidates in zip(plan.groups, plan.candidates, strict=True):
+        assert len(candidates) == 12 and len(members) <= 3 and set(members) <= set(candidates)
     dist, index = cache.positions(0, 5)
-    for position in (0, 4):
-        points = x[:, position].double()
-        full = torch.cdist(points, points[reference])  # (N, R)
-        full[reference, np.arange(12)] = float("inf")  # a reference image is not its own neighbour
-        values, local = full.topk(4, largest=False)
-        np.testing.assert_allclose(dist[position].numpy(), values.numpy(), rtol=1e-4, atol=1e-5)
-        assert np.array_equal(index[position].numpy(), reference[local.numpy()]), "global image indices"
-    assert set(np.unique(index.numpy())) <= set(reference.tolist())
+    for members, candidates in zip(plan.groups, plan.candidates, strict=True):
+        for position in (0, 4):
+            points = x[:, position].double()
+            full = torch.cdist(points[members], points[candidates])  # (G, M)
+            full[torch.from_numpy(members[:, None] == candidates[None, :])] = float("inf")  # not its own neighbour
+            values, local = full.topk(4, largest=False)
+            np.testing.assert_allclose(dist[position, members].numpy(), values.numpy(), rtol=1e-4, atol=1e-5)
+            assert np.array_equal(index[position, members].numpy(), candidates[local.numpy()]), "global indices"
+
+
+def test_the_candidates_are_the_look_alike_images() -> None:
+    # Four kinds of part, 30 images each, with their images in random order: at every position an image's
+    # nearest neighbours are images of its kind. A random sample of 32 of the 120 holds about 8 of them, of
+    # which LOF's 6 nearest would be a random draw; the look-alike candidates hold the exact search's 6 nearest.
+    rng = np.random.default_rng(5)
+    kinds = rng.permutation(np.repeat(np.arange(4), 30))
+    centres = rng.normal(size=(4, 16, 12)) * 3.0
+    x = torch.from_numpy((centres[kinds] + rng.normal(size=(120, 16, 12))).astype(np.float32))
+    exact = compute_neighbours(x, 6, device=CPU, budget_bytes=BIG)
+    found = compute_neighbours(x, 6, device=CPU, budget_bytes=BIG, reference=reference_images(120, 32, seed=0))
+    same_kind = kinds[found.index.numpy()] == kinds[None, :, None]
+    assert same_kind.all(), "every neighbour is an image of the same kind"
+    hits = (exact.index.unsqueeze(-1) == found.index.unsqueeze(-2)).any(-1).float().mean().item()
+    assert hits > 0.95, f"recall@6 of the exact neighbours {hits:.3f}"
 
 
 def test_lof_nearest_and_fusion_run_on_reference_neighbours() -> None:
@@ -186,8 +206,10 @@ def test_a_large_fit_uses_the_reference_and_retunes_it(small_config, extractor, 
     model = SoftPatch(config, extractor=extractor).fit(synthetic_set.train, build_memory_bank=False)
     n = len(synthetic_set.train)
     cache = model.neighbours_
-    assert cache.reference is not None and len(cache.reference) == 10
-    assert set(np.unique(cache.positions(0, 64)[1].numpy())) <= set(cache.reference.tolist())
+    assert cache.reference is not None and len(cache.reference) == 10 and cache.plan is not None
+    index = cache.positions(0, 64)[1].numpy()
+    for members, candidates in zip(cache.plan.groups, cache.plan.candidates, strict=True):
+        assert len(candidates) == 10 and set(np.unique(index[:, members])) <= set(candidates.tolist()) - {-1}
     exact = model.variant(neighbour_reference=n)
     assert exact.neighbours_.reference is None, "raising the reference to N makes the search exact"
     assert exact.outlier_scores_.shape == model.outlier_scores_.shape == (n, 8, 8)
@@ -209,21 +231,43 @@ def test_the_streaming_estimate_accepts_10000_images_on_a_24_gb_machine() -> Non
 
 def test_the_coreset_estimate_follows_the_plan_and_the_bank_budget() -> None:
     """The bank is capped by bank_budget_mb and a blocked coreset holds one block: the estimate says so."""
+    from softpatch.method.memory_bank import search_memory_bytes
     from softpatch.runtime.resources import coreset_memory_bytes
 
     config = SoftPatchConfig()
     patches = 10_000 * 784
     row = config.feature_dim * 4
+    bank_rows = config.bank_budget_mb * 1024**2 // row
+    search = search_memory_bytes(bank_rows, config.feature_dim, config.search)
     capped = coreset_memory_bytes(config, patches, streaming=True)
-    assert capped <= config.bank_budget_mb * 1024**2 + config.coreset_block_rows * (128 * 4 + 16)
-    assert capped >= config.bank_budget_mb * 1024**2 // row * row, "the capped bank itself"
+    assert capped == bank_rows * row + config.coreset_block_rows * (128 * 4 + 16) + search
     smaller = coreset_memory_bytes(config.replace(bank_budget_mb=256), patches, streaming=True)
     assert capped - smaller >= (config.bank_budget_mb - 256) * 1024**2 - row
     # Below the cap the bank is the ratio's rows; the exact greedy holds every patch's projection.
     few = 200 * 784
+    rows = round(few * config.coreset_ratio)
     exact = coreset_memory_bytes(config, few, streaming=False)
-    assert exact == few * 128 * 4 + few * (128 * 4 + 16) + round(few * config.coreset_ratio) * row
-    assert coreset_memory_bytes(config.replace(coreset="random"), few, streaming=False) == round(few * 0.1) * row
+    search = search_memory_bytes(rows, config.feature_dim, config.search)
+    assert exact == few * 128 * 4 + few * (128 * 4 + 16) + rows * row + search
+    random = coreset_memory_bytes(config.replace(coreset="random"), few, streaming=False)
+    assert random == rows * row + search
+
+
+def test_the_estimate_counts_what_each_search_holds_beside_the_bank() -> None:
+    # Measured at 10,000 images before the searches stopped copying the bank: 6.66 GiB against an estimate
+    # of 3.6. The bounded search holds its bound coordinates (up to 385 per row), the exhaustive one nothing
+    # (faiss reads the bank in place), IVF a copy of the bank; each also a fixed amount of work.
+    from softpatch.method import memory_bank
+
+    rows, dim, work = 524_288, 1024, memory_bank._SEARCH_WORK_BYTES
+    assert memory_bank.search_memory_bytes(rows, dim, "exhaustive") == work
+    assert memory_bank.search_memory_bytes(rows, dim, "bounded") == rows * 385 * 4 + work
+    assert memory_bank.search_memory_bytes(rows, dim, "ivf") == rows * dim * 4 + work
+    # Below its threshold IVF runs the bounded search, and that the exhaustive one below its own.
+    assert memory_bank.search_memory_bytes(100_000, dim, "ivf") == 100_000 * 385 * 4 + work
+    assert memory_bank.search_memory_bytes(1000, dim, "bounded") == work
+    # A fit at 10,000 images with the defaults stays within the issue's 6 GB target, by the estimate too.
+    assert estimate_fit_memory(SoftPatchConfig(), 10_000, (28, 28)).total_bytes < 6 * 1024**3
 
 
 # ---------------------------------------------------------------- real images
@@ -232,9 +276,11 @@ def test_the_coreset_estimate_follows_the_plan_and_the_bank_budget() -> None:
 @pytest.mark.slow
 def test_reference_search_keeps_the_vetting_on_real_images(mobilenet_weights: Path) -> None:
     """Magnetic tiles, 160 good + 16 defective (break, blowhole) images, ImageNet mobilenet at 128/112, the
-    default settings, neighbours among 96 reference images instead of all 176. Measured: removed patches
-    recall 0.74 of the exact search's, top-16 suspects 0.81 kept, vetting AUROC 0.761 vs 0.746 exact,
-    removed-share AUROC 0.705 vs 0.699. Bounds: recall >= 0.6, top-16 kept >= 0.6, AUROCs within 0.05."""
+    default settings, each image compared with 96 look-alike candidates instead of all 176. Measured: the exact
+    search's 6 nearest found 0.84 of the time, removed patches recall 0.86 of the exact search's, top-16
+    suspects 0.94 kept, vetting AUROC 0.740 vs 0.747 exact, removed-share AUROC 0.674 vs 0.699. (With one
+    random sample of 96 instead: removed recall 0.74, top-16 0.81.) Bounds: recall@6 and removed recall
+    >= 0.75, top-16 kept >= 0.8, AUROCs within 0.04."""
     from softpatch.evaluation.metrics import image_auroc
 
     root = SHARED / "data" / "magnetic_tile"
@@ -265,7 +311,10 @@ def test_reference_search_keeps_the_vetting_on_real_images(mobilenet_weights: Pa
     top_exact = set(exact.vetting_report().ranking[:16].tolist())
     top_approx = set(approximate.vetting_report().ranking[:16].tolist())
     kept = len(top_exact & top_approx) / 16
-    assert recall >= 0.6 and kept >= 0.6, (recall, kept)
+    exact_index = exact.neighbours_.positions(0, 196)[1][..., :6]
+    found_index = approximate.neighbours_.positions(0, 196)[1][..., :6]
+    recall_at_6 = (exact_index.unsqueeze(-1) == found_index.unsqueeze(-2)).any(-1).float().mean().item()
+    assert recall >= 0.75 and kept >= 0.8 and recall_at_6 >= 0.75, (recall, kept, recall_at_6)
     for score in ("suspicion_", "removed_fraction_"):
         a, b = image_auroc(labels, getattr(exact, score)), image_auroc(labels, getattr(approximate, score))
-        assert abs(a - b) <= 0.05, (score, a, b)
+        assert abs(a - b) <= 0.04, (score, a, b)

@@ -9,6 +9,7 @@ from scipy.spatial.distance import cdist
 
 from softpatch.method import search as search_module
 from softpatch.method.search import BoundedSearch, ExhaustiveSearch, IVFSearch, exhaustive_search_torch
+from tests.conftest import reset_peak_rss, status_bytes
 
 CPU = torch.device("cpu")
 
@@ -167,11 +168,13 @@ def test_dims_that_do_not_fit_the_features_are_skipped() -> None:
 
 # ---------------------------------------------------------------------------------------------- at scale
 def test_query_blocks_shrink_with_the_bank_so_a_block_stays_bounded() -> None:
-    assert search_module.query_block(1000) == search_module.query_block(65536) == 4096
-    assert search_module.query_block(1_000_000) == 4096 * 65536 // 1_000_000
+    assert search_module.query_block(1000) == search_module.query_block(16384) == 4096
+    assert search_module.query_block(1_000_000) == 4096 * 16384 // 1_000_000
     assert search_module.query_block(10**12) == 1
     for rows in (65536, 1_000_000, 3_000_000):
         assert search_module.query_block(rows) * rows <= search_module._SEARCH_CELLS
+    # Beside a bank at the default budget (2 GiB), one block of distances is at most 256 MiB.
+    assert search_module._SEARCH_CELLS * 4 <= 256 * 1024**2
 
 
 def test_torch_search_with_cell_bounded_blocks_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,3 +244,38 @@ def test_ivf_is_seeded_and_refuses_use_before_fit() -> None:
         IVFSearch(2).search(queries)
     with pytest.raises(ValueError, match="lists"):
         IVFSearch(2, lists=10_000).fit(bank)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _low_rank_bank(m: int, d: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """``(m, d)`` float32 rows on a rank-``rank`` subspace plus noise, made without a second full-size array."""
+    generator = torch.Generator().manual_seed(seed)
+    if rank >= d:  # isotropic
+        return torch.randn(m, d, generator=generator)
+    basis = torch.randn(rank, d, generator=torch.Generator().manual_seed(0)) * torch.linspace(3.0, 0.3, rank)[:, None]
+    bank = torch.empty(m, d)
+    for start in range(0, m, 65536):
+        rows = bank[start : start + 65536]
+        torch.matmul(torch.randn(rows.shape[0], rank, generator=generator), basis, out=rows)
+        rows.add_(torch.randn(rows.shape, generator=generator), alpha=0.05)
+    return bank
+
+
+@pytest.mark.parametrize("rank", [20, 1024], ids=["bounded", "exhaustive"])
+def test_building_and_searching_a_large_bank_never_copies_it(rank: int) -> None:
+    # A 1 GiB bank, as one beside a 2 GiB budget. Choosing the bound's dims used to hold the bank rotated in
+    # 128 dims and each dim's coordinates twice (ours and faiss's) and torch.cdist padded a copy of the bank;
+    # the exhaustive search copied the whole bank into a faiss index: over 1 GiB beside the bank, which broke the
+    # 6 GB target at 10,000 images. What may grow: the bound coordinates (here at most 129 floats per row, an
+    # eighth of the bank), the calibration's distances (128 MiB) and a few blocks of rows: well under a copy.
+    dims = (32, 64, 128)
+    bank = _low_rank_bank(262_144, 1024, rank)
+    calibration = _low_rank_bank(400, 1024, rank, seed=1)  # new rows like the bank's: queries like future ones
+    allowed = 0.4 * bank.numel() * 4
+    before = reset_peak_rss()
+    search = BoundedSearch(8, dims).fit(bank, calibration=calibration)
+    match = search.search(calibration[:50])
+    grown = status_bytes("VmHWM") - before
+    assert (search.dim_ == 0) == (rank == 1024), "isotropic rows: the full search; low-rank rows: a bound"
+    assert torch.equal(match.index, exhaustive_search_torch(bank, calibration[:50], CPU).index)
+    assert grown < allowed, f"the search took {grown / 1024**2:.0f} MiB beside a 1 GiB bank"

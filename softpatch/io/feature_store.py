@@ -38,8 +38,11 @@ _MAX_POSITIONS = 1_000_000
 _MAX_DIM = 65_536
 _MAX_BYTES = 1 << 44  # 16 TiB
 _MAX_HEADER_BYTES = 64 * 1024
-# Bytes one mapped read (gather) touches before the map is dropped, so residency stays bounded.
+# Rows one mapped read (gather) of a DiskArray touches before the map is dropped, so residency stays bounded.
 _GATHER_BLOCK = 1 << 16
+# Float32 bytes of one block of a store's gather (its rows are 4 KB at 1,024 dims): the map, the float32 copy
+# and the offsets of a block are what a gather holds beside its result.
+_GATHER_BLOCK_BYTES = 16 * 1024**2
 _ARRAY_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 
 
@@ -316,15 +319,17 @@ class FeatureStore:
             raise IndexError(f"flat patch indices must lie in 0..{n * p - 1}")
         rows = (flat % p) * n + flat // p  # row of the (P*N, D) disk array
         order = np.argsort(rows, kind="stable")  # ascending: each mapped block is touched once, in order
-        for b in range(0, flat.size, _GATHER_BLOCK):
-            chosen = order[b : b + _GATHER_BLOCK]
+        offset = self._offsets()
+        step = max(1, _GATHER_BLOCK_BYTES // (d * 4))
+        for b in range(0, flat.size, step):
+            chosen = order[b : b + step]
             # A map per block, dropped at once: its pages leave the process with it.
             mapped = np.memmap(self.path, dtype=self._dtype, mode="r", shape=(n * p, d))
-            out[chosen] = mapped[rows[chosen]]
+            block = mapped[rows[chosen]].astype(np.float32)
             del mapped
-        offset = self._offsets()
-        if offset is not None:
-            out += offset[flat % p]
+            if offset is not None:  # per block: offset[flat % p] whole would be as large as the result
+                block += offset[flat[chosen] % p]
+            out[chosen] = block
         return torch.from_numpy(out)
 
     def __getitem__(self, images: int | slice | np.ndarray | Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,18 @@ _REACH_FLOOR = 0.05
 # Eigenvalues below this share of the largest are treated as zero when scoring points outside the fit set.
 _EIG_FLOOR = 1e-10
 
+# Above neighbour_reference images, each patch is compared with the patches of the M most similar images: images
+# are put in groups of at most CANDIDATE_GROUP by look, and each group shares one candidate set. Larger groups
+# cost less per comparison (fewer, larger matrix products: at 256 as fast as one sample for all) but share
+# their candidates among more images. Measured on 2,000 magnetic tiles (ImageNet MobileNet, M = 1,024): the
+# exact search's 6 nearest neighbours were found 0.94 of the time with groups of 64, against 0.51 for one
+# random sample, and the vetting AUROC moved by 0.001 instead of 0.043.
+CANDIDATE_GROUP = 256
+# The look of an image, to group by: its patch features on a coarse grid of DESCRIPTOR_GRID x DESCRIPTOR_GRID
+# cells (the mean over each cell's positions), projected to DESCRIPTOR_DIM seeded random directions.
+DESCRIPTOR_GRID = 7
+DESCRIPTOR_DIM = 64
+
 if TYPE_CHECKING:
     from softpatch.io.feature_store import FeatureStore
 
@@ -51,12 +63,108 @@ def position_block(features: FeatureSource, start: int, stop: int) -> torch.Tens
 
 
 def reference_images(n_images: int, reference_size: int, seed: int) -> np.ndarray | None:
-    """The images every patch is compared with when there are more than ``reference_size``: a seeded sample
-    of that many (sorted image indices); None (all images, the exact search) otherwise."""
+    """None (the exact search: every image compared with all others) up to ``reference_size`` images; above, a
+    seeded sample of that many (sorted image indices), on which the position statistics (gaussian) are
+    estimated, while each image is compared with that many look-alike images (``CandidatePlan``)."""
     if n_images <= reference_size:
         return None
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_images, size=reference_size, replace=False)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    """Whom each image's patches are compared with when there are too many images to compare all pairs.
+
+    Every image belongs to one group of look-alike images (``groups``); at every position its patches are
+    compared with those of its group's ``candidates``: the M images nearest to some member of the group, by
+    ``image_descriptors``. Nearest neighbours at a position come almost always from images that look alike
+    overall, so this finds most of the exact search's neighbours at the cost of M comparisons per image.
+    """
+
+    groups: tuple[np.ndarray, ...]  # sorted image indices of each group; every image in exactly one
+    candidates: tuple[np.ndarray, ...]  # sorted image indices each group's members are compared with (M each)
+
+    def fingerprint(self) -> str:
+        """A short hash of the plan: equal plans, equal neighbours (names the cache files)."""
+        digest = hashlib.sha256()
+        for members, candidates in zip(self.groups, self.candidates, strict=True):
+            digest.update(members.astype(np.int64).tobytes() + b"|" + candidates.astype(np.int64).tobytes() + b";")
+        return digest.hexdigest()[:12]
+
+
+def image_descriptors(
+    features: FeatureSource, seed: int, budget_bytes: int, progress: ProgressCallback | None = None
+) -> torch.Tensor:
+    """``(N, cells * DESCRIPTOR_DIM)`` float32: each image's projected features, pooled on a coarse grid.
+
+    One pass over ``features`` ``(N, P, D)`` by chunks of positions (a store is read once). Positions on a
+    square grid (the backbone's patch grid) are pooled in square cells, others in runs of consecutive positions.
+    """
+    n, p, d = features.shape
+    side = math.isqrt(p)
+    if side * side == p:
+        cells = min(DESCRIPTOR_GRID, side)
+        rows, cols = np.divmod(np.arange(p), side)
+        cell_of = torch.from_numpy((rows * cells // side) * cells + cols * cells // side)
+    else:
+        cell_of = torch.from_numpy(np.arange(p) * min(DESCRIPTOR_GRID**2, p) // p)
+    n_cells = int(cell_of.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(d, DESCRIPTOR_DIM, generator=generator) / math.sqrt(DESCRIPTOR_DIM)
+    per_cell = torch.bincount(cell_of, minlength=n_cells).float()
+    pooled = torch.zeros(n_cells, n, DESCRIPTOR_DIM)
+    step = max(1, budget_bytes // max(1, n * d * 8))
+    for start in range(0, p, step):
+        stop = min(p, start + step)
+        pooled.index_add_(0, cell_of[start:stop], position_block(features, start, stop) @ projection)
+        report(progress, stop / p, f"discriminator: grouping images by look, {stop}/{p} positions read")
+    return (pooled / per_cell[:, None, None]).transpose(0, 1).reshape(n, -1).contiguous()
+
+
+def candidate_plan(descriptors: torch.Tensor, n_candidates: int, seed: int) -> CandidatePlan:
+    """Groups of look-alike images (at most ``CANDIDATE_GROUP``, and a quarter of ``n_candidates``) and each
+    group's ``n_candidates`` candidates.
+
+    ``descriptors`` ``(N, F)`` from ``image_descriptors``. Groups: k-means (seeded) on the descriptors,
+    larger clusters cut into pieces by distance to their centre. Candidates of a group:
+    the images with the smallest descriptor distance to any member (the members themselves first).
+    """
+    import faiss
+
+    n = descriptors.shape[0]
+    n_candidates = min(n_candidates, n)
+    # A group is at most a quarter of its candidates: most of each member's candidates are its own look-alikes.
+    group_size = max(1, min(CANDIDATE_GROUP, n_candidates // 4))
+    x = np.ascontiguousarray(descriptors.numpy(), dtype=np.float32)
+    clusters = max(1, math.ceil(n / group_size))
+    if clusters > 1:
+        kmeans = faiss.Kmeans(x.shape[1], clusters, niter=20, seed=seed, verbose=False, min_points_per_centroid=1)
+        kmeans.train(x)
+        distance, assignment = kmeans.index.search(x, 1)
+        distance, assignment = distance[:, 0], assignment[:, 0]
+    else:
+        distance, assignment = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
+    groups: list[np.ndarray] = []
+    for cluster in range(clusters):
+        members = np.flatnonzero(assignment == cluster)
+        members = members[np.argsort(distance[members], kind="stable")]  # nearest the centre first
+        groups += [np.sort(members[i : i + group_size]) for i in range(0, members.size, group_size)]
+    squared_norms = descriptors.square().sum(1)
+    candidates = []
+    for members in groups:
+        member_rows = descriptors[torch.from_numpy(members)]
+        # min over members of |m|^2 + |x|^2 - 2 m.x, by blocks of members
+        nearest = torch.full((n,), math.inf)
+        for start in range(0, members.size, 64):
+            block = member_rows[start : start + 64]
+            squared = squared_norms[torch.from_numpy(members[start : start + 64])].unsqueeze(1) + squared_norms
+            squared = squared - 2.0 * (block @ descriptors.T)
+            nearest = torch.minimum(nearest, squared.min(0).values)
+        nearest[torch.from_numpy(members)] = -math.inf  # the members themselves are always candidates
+        order = torch.topk(nearest, n_candidates, largest=False).indices.numpy()
+        candidates.append(np.sort(order).astype(np.int64))
+    return CandidatePlan(tuple(g.astype(np.int64) for g in groups), tuple(candidates))
 
 
 @dataclass(frozen=True)
@@ -242,13 +350,15 @@ class NeighbourCache:
     """The K nearest other-image patches of every patch, per position (computed once per fit).
 
     In memory (tensors) or, for a fit from a feature store, in two raw files beside the store
-    (``DiskArray``), read by chunks of positions. ``reference``: the images searched among (sorted
-    image indices), or None when every image was searched (exact).
+    (``DiskArray``), read by chunks of positions. ``reference``: None when every image was searched (exact);
+    else the sorted sample of images the position statistics (gaussian) come from, and ``plan`` says whom
+    each image was compared with (its group's candidates).
     """
 
     dist: torch.Tensor | DiskArray  # (P, N, K) float32, ascending
     index: torch.Tensor | DiskArray  # (P, N, K) int32 global image indices
     reference: np.ndarray | None = None
+    plan: CandidatePlan | None = None
 
     @property
     def k(self) -> int:
@@ -313,6 +423,8 @@ def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features:
         per_position += min(n_compared, dim) ** 2 * 16  # Gram/covariance and eigenvectors in float64
         if n_compared < n_images:  # the reference Gaussian: float64 copies and coordinates of every image
             per_position += n_images * (dim + 2 * n_compared) * 8
+    if n_compared < n_images:  # a group's candidates, gathered
+        per_position += n_compared * dim * 4
     return per_position
 
 
@@ -324,18 +436,21 @@ def _positions_per_chunk(
 
 
 def neighbour_cache_arrays(
-    positions: int, n_images: int, k: int, reference: np.ndarray | None, directory: str | os.PathLike | None
+    positions: int,
+    n_images: int,
+    k: int,
+    plan: CandidatePlan | None,
+    directory: str | os.PathLike | None,
 ) -> tuple[torch.Tensor | DiskArray, torch.Tensor | DiskArray]:
     """Empty ``(P, N, k)`` distances (float32) and image indices (int32) of a neighbour cache.
 
     In memory when ``directory`` is None, else two new ``DiskArray`` files there, named by k and the
-    reference sample (so a cache for other settings never overwrites this one).
+    candidate plan (so a cache for other settings never overwrites this one).
     """
     shape = (positions, n_images, k)
     if directory is None:
         return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.int32)
-    m = n_images if reference is None else len(reference)
-    tag = f"k{k}" + ("" if reference is None else f"_r{m}_{hashlib.sha256(reference.tobytes()).hexdigest()[:12]}")
+    tag = f"k{k}" + ("" if plan is None else f"_c{len(plan.candidates[0])}_{plan.fingerprint()}")
     return (
         DiskArray.create(Path(directory) / f"neighbours_{tag}_dist.bin", shape, np.float32),
         DiskArray.create(Path(directory) / f"neighbours_{tag}_index.bin", shape, np.int32),
@@ -351,20 +466,30 @@ def compute_neighbours(
     progress: ProgressCallback | None = None,
     reference: np.ndarray | None = None,
     directory: str | os.PathLike | None = None,
+    plan: CandidatePlan | None = None,
+    seed: int = 0,
 ) -> NeighbourCache:
     """For every position, the ``k`` nearest patches of *other* images (L2, unsquared).
 
-    ``features``: ``(N, P, D)`` tensor or feature store. ``reference``: sorted image indices to search
-    among (``reference_images``), None for all images (exact); a reference image is never its own
-    neighbour. ``directory``: write the cache there (``DiskArray`` files) instead of keeping it in memory.
+    ``features``: ``(N, P, D)`` tensor or feature store. ``reference``: None compares every image with every
+    other (exact); else a sorted sample of M images (``reference_images``) and each image is compared with
+    the M images of its group's candidates (``plan``; made here from the features with ``seed`` when None).
+    ``directory``: write the cache there (``DiskArray`` files) instead of keeping it in memory.
     Chunked over positions so that peak memory stays within ``budget_bytes``.
     """
     n, p, d = features.shape
-    m = n if reference is None else len(reference)
+    if reference is not None and plan is None:
+        report(progress, 0.0, f"discriminator: grouping images by look, 0/{p} positions read")
+        plan = candidate_plan(image_descriptors(features, seed, budget_bytes, progress), len(reference), seed)
+    m = n if plan is None else len(plan.candidates[0])
     k = clamp_lof_k(k, m)
-    dist_out, index_out = neighbour_cache_arrays(p, n, k, reference, directory)
+    dist_out, index_out = neighbour_cache_arrays(p, n, k, plan, directory)
     step = _positions_per_chunk(n, d, budget_bytes, with_features=True, n_compared=m)
-    ref = None if reference is None else torch.from_numpy(np.asarray(reference, dtype=np.int64))
+    groups = (
+        []
+        if plan is None
+        else [(torch.from_numpy(g), torch.from_numpy(c)) for g, c in zip(plan.groups, plan.candidates, strict=True)]
+    )
 
     def work(start: int, stop: int, device: torch.device) -> None:
         x = position_block(features, start, stop).to(device, non_blocking=True).contiguous()  # (Pc, N, D)
@@ -373,18 +498,21 @@ def compute_neighbours(
         # Elementwise, so the result does not depend on how positions are chunked (a mean would).
         x = x - x[:, :1, :]
         squared_norm = x.square().sum(-1)
-        if ref is None:
+        if plan is None:
             dist = squared_norm.unsqueeze(2) + squared_norm.unsqueeze(1) - 2 * (x @ x.transpose(1, 2))
             dist = dist.clamp_min_(0).sqrt_()
             dist.masked_fill_(torch.eye(n, dtype=torch.bool, device=device), math.inf)  # not its own neighbour
             values, indices = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
         else:
-            r = ref.to(device)
-            dist = squared_norm.unsqueeze(2) + squared_norm[:, r].unsqueeze(1) - 2 * (x @ x[:, r].transpose(1, 2))
-            dist = dist.clamp_min_(0).sqrt_()  # (Pc, N, R)
-            dist[:, r, torch.arange(m, device=device)] = math.inf  # a reference image is not its own neighbour
-            values, local = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
-            indices = r[local]
+            values = torch.empty(stop - start, n, k, device=device)
+            indices = torch.empty(stop - start, n, k, dtype=torch.int64, device=device)
+            for members, candidates in groups:
+                g, c = members.to(device), candidates.to(device)
+                dist = torch.baddbmm(squared_norm[:, c].unsqueeze(1), x[:, g], x[:, c].transpose(1, 2), alpha=-2.0)
+                dist = dist.add_(squared_norm[:, g].unsqueeze(2)).clamp_min_(0).sqrt_()  # (Pc, G, M)
+                dist.masked_fill_(g.unsqueeze(1) == c.unsqueeze(0), math.inf)  # not its own neighbour
+                values[:, g], local = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
+                indices[:, g] = c[local]
         values, indices = values.cpu(), indices.to(torch.int32).cpu()
         if isinstance(dist_out, torch.Tensor):
             dist_out[start:stop] = values
@@ -396,7 +524,9 @@ def compute_neighbours(
 
     report(progress, 0.0, f"discriminator: neighbours at 0/{p} positions")  # the bar shows before the first chunk
     run_in_chunks(p, step, device, work)
-    return NeighbourCache(dist_out, index_out, None if reference is None else np.asarray(reference, dtype=np.int64))
+    return NeighbourCache(
+        dist_out, index_out, None if reference is None else np.asarray(reference, dtype=np.int64), plan
+    )
 
 
 def score_patches(

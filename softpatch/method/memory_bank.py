@@ -28,6 +28,38 @@ _IVF_MIN_ROWS = 262_144
 _IVF_PROBES = 32
 
 
+# Bytes of transient work while a search is set up and run beside the bank, whatever its size: blocks of
+# the bank being gathered from a store and rotated, the calibration sample's distances, one block of the
+# full search (softpatch.method.search bounds each of these by a fixed number of cells).
+_SEARCH_WORK_BYTES = 512 * 1024**2
+
+
+def search_memory_bytes(rows: int, dim: int, method: str) -> int:
+    """Host memory a CPU search over a bank of ``rows`` x ``dim`` takes beside the bank itself (an upper bound).
+
+    "bounded": its bound coordinates (at most the widest of ``_BOUND_DIMS`` + 1 per row); "exhaustive": none,
+    faiss reads the bank where it is; "ivf": its index holds a copy of the bank. Plus ``_SEARCH_WORK_BYTES``.
+    """
+    index_bytes = {
+        "bounded": rows * (min(max(_BOUND_DIMS), dim) + 1) * 4,
+        "exhaustive": 0,
+        "ivf": rows * dim * 4,
+    }[search_run(rows, method)]
+    return index_bytes + _SEARCH_WORK_BYTES
+
+
+def search_run(rows: int, method: str) -> str:
+    """The search that the ``search`` setting ``method`` runs on a CPU bank of ``rows``: "ivf" is exact (bounded)
+    below ``_IVF_MIN_ROWS``, and "bounded" exhaustive below ``_BOUNDED_MIN_ROWS``."""
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
+    if method == "ivf" and rows < _IVF_MIN_ROWS:
+        method = "bounded"
+    if method == "bounded" and rows < _BOUNDED_MIN_ROWS:
+        method = "exhaustive"
+    return method
+
+
 @dataclass
 class MemoryBank:
     """The coreset of kept training patches.
@@ -90,14 +122,9 @@ class MemoryBank:
         ``calibration`` ``(n, D)``: held-out patches like future queries, on which the bounded search tunes
         itself and the IVF search measures its recall now rather than on the first search.
         """
-        if method not in SEARCH_METHODS:
-            raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
+        method = search_run(len(self), method)
         if device.type == "cuda" or len(self) == 0:
             return None
-        if method == "ivf" and len(self) < _IVF_MIN_ROWS:
-            method = "bounded"
-        if method == "bounded" and len(self) < _BOUNDED_MIN_ROWS:
-            method = "exhaustive"
         index = self._indexes.get(method)
         if index is None:
             if method == "ivf":

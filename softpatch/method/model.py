@@ -821,6 +821,7 @@ class SoftPatch:
                 progress=progress,
                 reference=reference,
                 directory=store.directory if store is not None else None,
+                seed=self.config.seed,
             )
         return state.neighbours
 

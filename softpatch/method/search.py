@@ -18,11 +18,13 @@ import torch
 # (queries x D) gathers of the re-ranking to a few hundred MB.
 _QUERY_BLOCK = 4096
 _RERANK_BLOCK = 256
-# Most cells of one (queries x bank) block of the torch search: 1 GiB of float32, whatever the bank's size
-# (full 4096-query blocks up to 65,536 bank rows, fewer queries per block beyond).
-_SEARCH_CELLS = 4096 * 65536
-# Bank rows per block while the bounded search scores its candidate dims: about 64 MB of rotated rows.
-_CHOOSE_BLOCK_CELLS = 16 * 1024**2
+# Most cells of one (queries x bank) block of the torch search: 256 MiB of float32, whatever the bank's size
+# (full 4096-query blocks up to 16,384 bank rows, fewer queries per block beyond). It sits beside a bank of up
+# to bank_budget_mb, so it stays small: a fit's peak memory is the bank plus little more.
+_SEARCH_CELLS = 4096 * 16384
+# Bank rows per block while the bounded search scores its candidate dims: about 16 MB of rotated rows (each
+# block has a few temporaries of that size).
+_CHOOSE_BLOCK_CELLS = 4 * 1024**2
 # Queries the bound leaves unproven are retried with this many times more candidates before the full search.
 _WIDER_FACTOR = 8
 # Rows used to estimate the principal directions; any orthonormal basis keeps the search exact,
@@ -55,16 +57,41 @@ def query_block(bank_rows: int) -> int:
     return max(1, min(_QUERY_BLOCK, _SEARCH_CELLS // max(1, bank_rows)))
 
 
+def _row_squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` squared norms of ``(M, D)`` rows, by row blocks (``rows.square()`` would be a copy of them)."""
+    out = torch.empty(rows.shape[0], device=rows.device, dtype=rows.dtype)
+    step = max(1, _CHOOSE_BLOCK_CELLS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = rows[start : start + step].square().sum(1)
+    return out
+
+
+def _squared_distances(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(Q, M)`` squared L2 distances of ``(Q, D)`` queries to ``(M, D)`` rows, by row blocks: unlike
+    ``torch.cdist``, which pads a copy of ``rows``, it holds nothing of the size of ``rows`` but the result."""
+    out = torch.empty(queries.shape[0], rows.shape[0])
+    q_sq = queries.square().sum(1, keepdim=True)
+    step = max(1, _CHOOSE_BLOCK_CELLS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        part = out[:, start : start + step]
+        torch.matmul(queries, block.T, out=part)
+        part.mul_(-2.0).add_(_row_squared_norms(block)).add_(q_sq).clamp_min_(0.0)
+    return out
+
+
 def exhaustive_search_torch(bank: torch.Tensor, queries: torch.Tensor, device: torch.device) -> NeighbourMatch:
     """Exact nearest row of ``bank`` ``(M, D)`` for each ``(Q, D)`` query, by blocked matrix products."""
     bank = bank.to(device)
-    bank_sq = bank.square().sum(1)
+    bank_sq = _row_squared_norms(bank)
     distances, indices = [], []
     block = query_block(bank.shape[0])
     for start in range(0, queries.shape[0], block):
         q = queries[start : start + block].to(device).float()
-        squared = q.square().sum(1, keepdim=True) + bank_sq.unsqueeze(0) - 2.0 * (q @ bank.T)
+        # In place: one (block x bank) matrix, not the four temporaries of the plain expression.
+        squared = (q @ bank.T).mul_(-2.0).add_(bank_sq.unsqueeze(0)).add_(q.square().sum(1, keepdim=True))
         where = squared.argmin(dim=1)
+        del squared
         # Recompute the winner's distance directly: the expanded form loses precision near zero.
         distances.append((q - bank[where]).norm(dim=1).cpu())
         indices.append(where.cpu())
@@ -72,22 +99,24 @@ def exhaustive_search_torch(bank: torch.Tensor, queries: torch.Tensor, device: t
 
 
 class ExhaustiveSearch:
-    """Exact nearest-neighbour search that compares every query with every bank row (faiss, CPU)."""
+    """Exact nearest-neighbour search that compares every query with every bank row (faiss, CPU).
+
+    faiss reads the bank where it is (``faiss.knn``): an index would hold a second copy of it.
+    """
 
     def fit(self, bank: torch.Tensor) -> ExhaustiveSearch:
-        """Index ``bank`` ``(M, D)`` float32."""
-        import faiss
-
+        """Index ``bank`` ``(M, D)`` float32 (no copy when it already is a contiguous CPU float32 tensor)."""
         self.bank_ = bank.detach().cpu().float().contiguous()
-        index = faiss.IndexFlatL2(bank.shape[1])
-        index.add(self.bank_.numpy())
-        self.index_ = index
         return self
 
     def search(self, queries: torch.Tensor) -> NeighbourMatch:
         """Nearest bank row of each ``(Q, D)`` query; distances are plain L2."""
+        import faiss
+
+        if not hasattr(self, "bank_"):
+            raise RuntimeError("ExhaustiveSearch is not fitted: call fit(bank) first")
         queries = queries.detach().cpu().float()
-        _, index = self.index_.search(np.ascontiguousarray(queries.numpy()), 1)
+        _, index = faiss.knn(np.ascontiguousarray(queries.numpy()), self.bank_.numpy(), 1)
         rows = torch.from_numpy(index[:, 0].astype(np.int64))
         # faiss ranks by the expanded |q|^2 + |m|^2 - 2qm form, which is off by up to ~0.04 near zero on
         # real features: the winner's distance is measured directly.
@@ -140,9 +169,15 @@ class BoundedSearch:
         bank = bank.detach().cpu().float().contiguous()
         self.bank_ = bank
         self.mean_ = bank.mean(dim=0)
-        sample = bank[:: max(1, bank.shape[0] // _PCA_ROWS)] - self.mean_
+        # The scatter of every step-th row, a block at a time: a sample of _PCA_ROWS rows held at once would
+        # be hundreds of MB beside a large bank.
+        step = max(1, bank.shape[0] // _PCA_ROWS)
+        scatter = torch.zeros(bank.shape[1], bank.shape[1])
+        for start in range(0, bank.shape[0], step * 4096):
+            sample = bank[start : start + step * 4096 : step] - self.mean_
+            scatter.addmm_(sample.T, sample)
         # eigh of the covariance is deterministic (unlike randomised SVD): the same bank, the same basis.
-        _, vectors = torch.linalg.eigh((sample.T @ sample).double())
+        _, vectors = torch.linalg.eigh(scatter.double())
         self.rotation_ = vectors.flip(1).float().contiguous()  # (D, D), columns by decreasing variance
         self.dim_: int | None = None
         self.fallback_fraction_ = 0.0
@@ -153,51 +188,50 @@ class BoundedSearch:
         return self
 
     def _use_dim(self, dim: int) -> None:
-        """Build the faiss index of the bank's bound coordinates in ``dim`` directions (0: exhaustive)."""
-        import faiss
+        """Compute the bank's bound coordinates in ``dim`` directions, searched by faiss (0: exhaustive)."""
 
         self.dim_ = dim
         if dim == 0:
             self.exhaustive_ = ExhaustiveSearch().fit(self.bank_)
             return
         self.basis_ = self.rotation_[:, :dim].contiguous()
-        bound_rows = self._bound_coordinates(self.bank_)
-        self.max_bound_norm_sq_ = float(bound_rows.square().sum(1).max())
-        self.index_ = faiss.IndexFlatL2(dim + 1)
-        self.index_.add(bound_rows.numpy())
+        # Searched where it is (faiss.knn): a faiss index would hold a second copy of these coordinates.
+        self.bound_rows_ = self._bound_coordinates(self.bank_)
+        self.max_bound_norm_sq_ = float(self.bound_rows_.square().sum(1).max())
 
     def _choose_dim(self, queries: torch.Tensor) -> int:
         """The cheapest of ``dims`` (or 0 = exhaustive) for queries like these, by a measured cost model."""
-        import faiss
-
         m, d_full = self.bank_.shape
         n = max(1, min(_CALIBRATION_QUERIES, queries.shape[0], _CALIBRATION_CELLS // m))
         sample = queries[torch.linspace(0, queries.shape[0] - 1, n).long()].float()
         usable = [dim for dim in self.dims if dim < d_full - 1]
-        widest = max(usable, default=0)
-        # In the full rotated basis: each dim's bound coordinates are slices of it, and tail sums of squares
-        # give every residual norm without cancellation. The bank is rotated in row blocks and only the
-        # columns that some dim uses are kept: memory about (widest + len(dims)) floats per bank row.
-        rotated_bank = torch.empty(m, widest)
-        tail_bank = torch.empty(m, len(usable))
+        wide = min(self.candidates * _WIDER_FACTOR, m - 1)
+        exact_sq = _squared_distances(sample, self.bank_)  # (n, M)
+        rotated_sample = (sample - self.mean_) @ self.rotation_
+        tail_sample = rotated_sample.square().flip(1).cumsum(1).flip(1)  # [:, j]: squared norm from direction j on
+        sample_coords = [
+            torch.cat([rotated_sample[:, :dim], tail_sample[:, dim : dim + 1].sqrt()], dim=1) for dim in usable
+        ]
+        # Each dim's wide + 1 smallest bounds per query, merged block by block over the bank: the bank is
+        # rotated a block at a time and no (M x dim) array is ever held (that would be a copy of the bank).
+        best_sq = [torch.full((n, 0), math.inf) for _ in usable]
+        best_rows = [torch.zeros((n, 0), dtype=torch.int64) for _ in usable]
         rows_per_block = max(1, _CHOOSE_BLOCK_CELLS // d_full)
         for start in range(0, m, rows_per_block):
             rotated = (self.bank_[start : start + rows_per_block] - self.mean_) @ self.rotation_
-            rotated_bank[start : start + rows_per_block] = rotated[:, :widest]
-            tail = rotated.square().flip(1).cumsum(1).flip(1)  # [:, j]: squared norm from direction j on
-            tail_bank[start : start + rows_per_block] = tail[:, usable]
-        rotated_sample = (sample - self.mean_) @ self.rotation_
-        tail_sample = rotated_sample.square().flip(1).cumsum(1).flip(1)
-        exact_sq = torch.cdist(sample, self.bank_).square()  # (n, M)
-        wide = min(self.candidates * _WIDER_FACTOR, m - 1)
+            tail = rotated.square().flip(1).cumsum(1).flip(1)
+            ids = torch.arange(start, start + rotated.shape[0]).expand(n, -1)
+            for j, dim in enumerate(usable):
+                coords = torch.cat([rotated[:, :dim], tail[:, dim : dim + 1].sqrt()], dim=1)
+                bound = torch.cdist(sample_coords[j], coords).square()  # (n, block)
+                merged_sq = torch.cat([best_sq[j], bound], dim=1)
+                merged_rows = torch.cat([best_rows[j], ids], dim=1)
+                keep = min(wide + 1, merged_sq.shape[1])
+                best_sq[j], where = merged_sq.topk(keep, dim=1, largest=False, sorted=True)
+                best_rows[j] = merged_rows.gather(1, where)
         best_dim, best_cost = 0, float(d_full * m)  # the exhaustive search
-        for column, dim in enumerate(usable):
-            coords_bank = torch.cat([rotated_bank[:, :dim], tail_bank[:, column : column + 1].sqrt()], dim=1)
-            coords_sample = torch.cat([rotated_sample[:, :dim], tail_sample[:, dim : dim + 1].sqrt()], dim=1)
-            index = faiss.IndexFlatL2(dim + 1)
-            index.add(coords_bank.contiguous().numpy())
-            bound_sq, rows = index.search(coords_sample.contiguous().numpy(), wide + 1)
-            bound_sq, rows = torch.from_numpy(bound_sq), torch.from_numpy(rows.astype(np.int64))
+        for j, dim in enumerate(usable):
+            bound_sq, rows = best_sq[j], best_rows[j]
             candidate_sq = exact_sq.gather(1, rows)
             first = candidate_sq[:, : self.candidates].min(1).values > bound_sq[:, self.candidates]
             second = candidate_sq[:, :wide].min(1).values > bound_sq[:, wide]
@@ -257,9 +291,11 @@ class BoundedSearch:
 
     def _search_block(self, block: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Best of ``candidates`` rows per query: distance, row, and whether the bound proves it nearest."""
+        import faiss
+
         block = block.contiguous()
         bound_q = self._bound_coordinates(block)
-        bound_sq, rows_np = self.index_.search(bound_q.numpy(), candidates + 1)
+        bound_sq, rows_np = faiss.knn(bound_q.numpy(), self.bound_rows_.numpy(), candidates + 1)
         rows = torch.from_numpy(rows_np[:, :candidates].astype(np.int64))
         best_sq = torch.empty(block.shape[0])
         best_row = torch.empty(block.shape[0], dtype=torch.int64)

@@ -41,7 +41,7 @@ from softpatch.runtime.threads import limit_threads
 
 if TYPE_CHECKING:
     from softpatch.io.feature_store import DiskArray, FeatureStore
-    from softpatch.method.discriminators import NeighbourCache
+    from softpatch.method.discriminators import CandidatePlan, NeighbourCache
     from softpatch.method.model import SoftPatch
 
 RAY_MISSING = "Ray is not installed: pip install 'softpatch[ray]'"
@@ -173,6 +173,7 @@ def neighbour_shard(
     stop: int,
     k: int,
     reference: np.ndarray | None,
+    plan: CandidatePlan | None,
     budget_bytes: int,
     outputs: tuple[DiskArray, DiskArray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -188,7 +189,12 @@ def neighbour_shard(
     with limit_threads(_assigned_cpus()):
         block = FeatureStore.open(store_dir).read_positions(start, stop)  # (Pc, N, D)
         cache = compute_neighbours(
-            block.transpose(0, 1), k, device=torch.device("cpu"), budget_bytes=budget_bytes, reference=reference
+            block.transpose(0, 1),
+            k,
+            device=torch.device("cpu"),
+            budget_bytes=budget_bytes,
+            reference=reference,
+            plan=plan,
         )
     dist, index = np.asarray(cache.dist), np.asarray(cache.index)
     if outputs is None:
@@ -373,11 +379,15 @@ class NeighbourSearchOnCluster:
         progress: ProgressCallback | None = None,
         reference: np.ndarray | None = None,
         directory: str | None = None,
+        plan: CandidatePlan | None = None,
+        seed: int = 0,
     ) -> NeighbourCache:
         from softpatch.method.discriminators import (
             NeighbourCache,
+            candidate_plan,
             clamp_lof_k,
             compute_neighbours,
+            image_descriptors,
             neighbour_cache_arrays,
         )
 
@@ -391,16 +401,21 @@ class NeighbourSearchOnCluster:
                 progress=progress,
                 reference=reference,
                 directory=directory,
+                plan=plan,
+                seed=seed,
             )
         ray = self.cluster.connect()
         n, p, _ = self.store.shape
-        k = clamp_lof_k(k, n if reference is None else len(reference))
+        if reference is not None and plan is None:  # once, here: every shard compares with the same images
+            report(progress, 0.0, f"discriminator: grouping images by look, 0/{p} positions read")
+            plan = candidate_plan(image_descriptors(self.store, seed, budget_bytes, progress), len(reference), seed)
+        k = clamp_lof_k(k, n if plan is None else len(plan.candidates[0]))
         # On disk beside the store when the fit asks for it (every node sees that folder), as the local path does.
-        dist, index = neighbour_cache_arrays(p, n, k, reference, directory)
+        dist, index = neighbour_cache_arrays(p, n, k, plan, directory)
         outputs = None if isinstance(dist, torch.Tensor) else (dist, index)
         task = self.cluster.remote(neighbour_shard)
         pending = {
-            task.remote(str(self.store.directory), a, b, k, reference, budget_bytes, outputs): (a, b)
+            task.remote(str(self.store.directory), a, b, k, reference, plan, budget_bytes, outputs): (a, b)
             for a, b in _ranges(p, self.cluster.cpus() * _TASKS_PER_CPU)
         }
         done = 0
@@ -409,4 +424,4 @@ class NeighbourSearchOnCluster:
                 dist[a:b], index[a:b] = shard
             done += b - a
             report(progress, done / p, f"discriminator: neighbours at {done}/{p} positions on the cluster")
-        return NeighbourCache(dist, index, None if reference is None else np.asarray(reference, dtype=np.int64))
+        return NeighbourCache(dist, index, None if reference is None else np.asarray(reference, dtype=np.int64), plan)

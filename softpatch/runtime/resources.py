@@ -14,6 +14,7 @@ from softpatch.io.feature_store import store_bytes
 from softpatch.io.limits import format_bytes
 from softpatch.method.coreset import BANK_VALUE_BYTES, plan_coreset
 from softpatch.method.discriminators import neighbour_cache_k, position_work_bytes, reference_images
+from softpatch.method.memory_bank import search_memory_bytes
 from softpatch.runtime.device import default_batch_size
 
 # Share of free memory one chunk of discriminator work may use.
@@ -29,7 +30,7 @@ class MemoryEstimate:
     n_images: int
     features_bytes: int  # features held in memory: all (N, P, D) float32 in memory; one chunk when streamed
     neighbours_bytes: int  # the per-position k-NN cache (in memory), or one position's search when streamed
-    coreset_bytes: int  # projection of the kept patches the coreset works on + the chosen bank
+    coreset_bytes: int  # projection of the kept patches the coreset works on + the chosen bank and its search
     backbone_bytes: int  # model weights and activations of one batch
 
     @property
@@ -105,7 +106,10 @@ def coreset_memory_bytes(config: SoftPatchConfig, patches: int, *, streaming: bo
     row = min(config.projection_dim, d) * 4
     working = {"greedy": patches, "blocked": min(patches, config.coreset_block_rows)}.get(plan.method, 0)
     projection = 0 if streaming or plan.method not in ("greedy", "blocked") else patches * row
-    return projection + working * (row + _GREEDY_ROW_EXTRA_BYTES) + plan.rows * BANK_VALUE_BYTES * d
+    bank = plan.rows * BANK_VALUE_BYTES * d
+    return (
+        projection + working * (row + _GREEDY_ROW_EXTRA_BYTES) + bank + search_memory_bytes(plan.rows, d, config.search)
+    )
 
 
 def estimate_fit_disk(config: SoftPatchConfig, n_images: int, grid: tuple[int, int], dtype: str = "float16") -> int:
