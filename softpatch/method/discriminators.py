@@ -38,10 +38,11 @@ _EIG_FLOOR = 1e-10
 
 # Above neighbour_reference images, each patch is compared with the patches of the M most similar images: images
 # are put in groups of at most CANDIDATE_GROUP by look, and each group shares one candidate set. Larger groups
-# cost less per comparison (fewer, larger matrix products: at 256 as fast as one sample for all) but share
-# their candidates among more images. Measured on 2,000 magnetic tiles (ImageNet MobileNet, M = 1,024): the
-# exact search's 6 nearest neighbours were found 0.94 of the time with groups of 64, against 0.51 for one
-# random sample, and the vetting AUROC moved by 0.001 instead of 0.043.
+# cost less per comparison (fewer, larger matrix products: at 256 about as fast as one sample for all; at 64,
+# 2.7 times slower) but share their candidates among more images. Measured on 2,000 magnetic tiles (ImageNet
+# MobileNet at 256/224, M = 1,024, the images of benchmarks/scale.py --sizes 2000 --real-weights): the exact
+# search's 6 nearest neighbours were found 0.91 of the time with groups of 256 (0.94 with 64), against 0.51 for
+# one random sample of 1,024, and the vetting AUROC was 0.703 against 0.705 exact (one sample: 0.662).
 CANDIDATE_GROUP = 256
 # The look of an image, to group by: its patch features on a coarse grid of DESCRIPTOR_GRID x DESCRIPTOR_GRID
 # cells (the mean over each cell's positions), projected to DESCRIPTOR_DIM seeded random directions.
