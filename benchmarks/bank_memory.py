@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,27 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout: import this softpatch
 
-
-class _Peaks:
-    """Peak VmRSS per named step, sampled every 0.05 s."""
-
-    def __init__(self) -> None:
-        self.step = "setup"
-        self.peaks: dict[str, int] = {}
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _sample(self) -> None:
-        while True:
-            self.peaks[self.step] = max(self.peaks.get(self.step, 0), self.rss())
-            time.sleep(0.05)
+from scale import PeakRSS, rss  # noqa: E402 - beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         coreset="random",
         coreset_ratio=min(1.0, 1.05 * budget_rows / (n * p)),
     )
-    meter = _Peaks()
+    meter = PeakRSS()
     model = SoftPatch(config)
     names, sizes = [f"{i}" for i in range(n)], [(256, 256)] * n
     model.fit_embeddings(Embeddings(store, names, sizes, config.feature_key()), build_memory_bank=False)
     time.sleep(0.2)
-    before = meter.rss()
+    before = rss()
     meter.step = "bank"
     started = time.perf_counter()
     bank = model.build_memory_bank()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,21 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout: import this softpatch
 
-
-class _PeakRSS:
-    """The process's peak VmRSS, sampled every 0.1 s."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.1):
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+from scale import PeakRSS  # noqa: E402 - beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference is None:
         sys.exit(f"{n} images are not more than --reference {args.reference}: the search is exact")
     cpu = torch.device("cpu")
-    meter = _PeakRSS()
+    meter = PeakRSS()
     messages: list[tuple[float, str]] = []
     started = time.perf_counter()
 
@@ -88,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{n} images x {p} positions x {d} dims, each compared with {args.reference} look-alike images: "
             f"{total:.1f} s ({grouped:.1f} s grouping {len(sizes)} groups of {min(sizes)}-{max(sizes)} images, "
-            f"{total - grouped:.1f} s searching), peak RSS {meter.peak / 1024**3:.2f} GiB"
+            f"{total - grouped:.1f} s searching), peak RSS {max(meter.peaks.values()) / 1024**3:.2f} GiB"
         )
         if args.compare_sample:
             sample_plan = CandidatePlan((np.arange(n),), (reference,))

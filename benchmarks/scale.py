@@ -128,6 +128,29 @@ def build_folder(root: Path, n_images: int) -> tuple[list[str], list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- child
+def rss() -> int:
+    """This process's resident memory now (VmRSS), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """Peak RSS per named step (set ``step``), sampled every 0.05 s by a daemon thread."""
+
+    def __init__(self) -> None:
+        self.step = "setup"
+        self.peaks: dict[str, int] = {}
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peaks[self.step] = max(self.peaks.get(self.step, 0), rss())
+            time.sleep(0.05)
+
+
 class _Meter:
     """Wall time and peak VmRSS per stage; the stage follows the progress messages of the fit."""
 
@@ -140,24 +163,16 @@ class _Meter:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
             stage = self.stage
-            self.peak[stage] = max(self.peak.get(stage, 0), self.rss())
+            self.peak[stage] = max(self.peak.get(stage, 0), rss())
 
     def enter(self, stage: str) -> None:
         if stage != self.stage:
             now = time.perf_counter()
             self.end[self.stage] = now
-            self.peak[self.stage] = max(self.peak.get(self.stage, 0), self.rss())
+            self.peak[self.stage] = max(self.peak.get(self.stage, 0), rss())
             self.stage = stage
             self.start.setdefault(stage, now)
 
