@@ -273,14 +273,16 @@ def test_weights_that_are_a_text_file_give_one_clear_line(synthetic_set, tmp_pat
 
 
 def test_ctrl_c_during_start_up_imports_is_one_line() -> None:
-    # A real SIGINT, sent the moment the command starts importing torch (its slowest start-up step).
+    # A real SIGINT, sent the moment the command starts importing torch (its slowest start-up step). raise_signal
+    # delivers it to this (the main) thread: os.kill lets the kernel pick any thread, and numpy's BLAS threads
+    # already exist, so on a saturated machine the handler could run only after the command had finished.
     script = (
-        "import builtins, os, signal, sys\n"
+        "import builtins, signal, sys\n"
         "real = builtins.__import__\n"
         "def hooked(name, *args, **kwargs):\n"
         "    if name == 'torch':\n"
         "        builtins.__import__ = real\n"
-        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
         "    return real(name, *args, **kwargs)\n"
         "builtins.__import__ = hooked\n"
         "from softpatch.cli import main\n"

@@ -6,7 +6,9 @@ Two kinds of evidence:
 - *near*: image descriptors (the patch features, average-pooled to at most 7 x 7 blocks so that the
   layout is kept) closer than ``near_ratio`` times the typical distance between a training image and its
   nearest other training image. Two photos of two good parts are typical neighbours; a copy that was
-  re-encoded, slightly shifted or retouched is far closer than that.
+  re-encoded, slightly shifted or retouched is far closer than that. Each image is compared with its 16
+  nearest images by a random projection of the descriptors, each of those pairs on the full descriptors: the
+  cost grows with N, not N x N (10,000 images would need a 400 MB matrix of distances, and minutes).
 
 Why it matters: a test image that is also in training scores as if it were good (its own patches are in
 the memory bank), so metrics on it are leakage; a defective image repeated in training makes its own
@@ -36,6 +38,12 @@ __all__ = ["DEFAULT_NEAR_RATIO", "DuplicateGroup", "DuplicateReport", "find_dupl
 DEFAULT_NEAR_RATIO = 0.1
 _BLOCKS = 7  # descriptor grid: at most 7 x 7 pooled blocks of patch features
 _STORE_IMAGES_PER_READ = 64  # images read from a feature store at once (about 200 MB at 224 px)
+# Near copies are looked for among each image's nearest images by a random projection of the descriptors (cheap
+# at any N), then every such pair is measured on the full descriptors: no N x N distance matrix.
+_NEIGHBOURS = 16  # candidates per image
+_PROJECTED_DIM = 256  # the candidate search's dimension (distances kept within a few percent)
+_PAIR_BLOCK_BYTES = 64 << 20  # gathered descriptor rows per block of exact pair distances
+_FALLBACK_ROWS = 64  # images measured against all others at once when their candidates are all copies
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,73 @@ def descriptors(features: torch.Tensor | FeatureStore, grid: tuple[int, int]) ->
     return torch.nn.functional.adaptive_avg_pool2d(x, (min(h, _BLOCKS), min(w, _BLOCKS))).reshape(n, -1)
 
 
+def _candidate_neighbours(desc: torch.Tensor, k: int) -> np.ndarray:
+    """``(M, F)`` descriptors -> ``(M, min(k, M))`` indices of each row's nearest rows (usually itself first).
+
+    Exact L2 search on a seeded Gaussian projection to ``_PROJECTED_DIM`` dimensions when ``F`` is larger.
+    """
+    import faiss
+    import torch
+
+    m, f = desc.shape
+    if f > _PROJECTED_DIM:
+        generator = torch.Generator().manual_seed(0)
+        desc = desc @ (torch.randn(f, _PROJECTED_DIM, generator=generator) / np.sqrt(_PROJECTED_DIM))
+    x = np.ascontiguousarray(desc.numpy(), dtype=np.float32)
+    _, neighbours = faiss.knn(x, x, min(k, m))
+    return neighbours.astype(np.int64)
+
+
+def _pair_distances(desc: torch.Tensor, neighbours: np.ndarray) -> np.ndarray:
+    """``(M, k)`` exact distances between each row of ``desc`` and its ``neighbours``, per descriptor value."""
+    import torch
+
+    m, k = neighbours.shape
+    scale = float(np.sqrt(desc.shape[1]))
+    out = np.empty((m, k), dtype=np.float32)
+    step = max(1, _PAIR_BLOCK_BYTES // max(1, k * desc.shape[1] * 4))
+    index = torch.from_numpy(neighbours)
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        diff = desc[index[start:stop]] - desc[start:stop, None, :]  # (b, k, F)
+        out[start:stop] = (torch.linalg.vector_norm(diff, dim=-1) / scale).numpy()
+    return out
+
+
+def _typical_distance(
+    desc: torch.Tensor, neighbours: np.ndarray, dist: np.ndarray, roots: np.ndarray, n_train: int
+) -> float:
+    """Median over training images of the distance to the nearest other training image (exact copies aside).
+
+    Read from the candidates; an image whose candidates are all its own exact copies or test images (more
+    than ``_NEIGHBOURS`` - 1 copies) is measured against every training image.
+    """
+    import torch
+
+    train_rows = neighbours[:n_train]
+    distinct = (train_rows < n_train) & (roots[train_rows] != roots[:n_train, None])
+    nearest = np.where(distinct, dist[:n_train], np.inf).min(axis=1)
+    scale = float(np.sqrt(desc.shape[1]))
+    unresolved = np.flatnonzero(~distinct.any(axis=1))
+    for start in range(0, len(unresolved), _FALLBACK_ROWS):
+        rows = unresolved[start : start + _FALLBACK_ROWS]
+        full = torch.cdist(desc[torch.from_numpy(rows)], desc[:n_train]).numpy() / scale  # (b, n_train)
+        full[roots[rows, None] == roots[None, :n_train]] = np.inf
+        nearest[rows] = full.min(axis=1)
+    nearest = nearest[np.isfinite(nearest)]
+    return max(float(np.median(nearest)) if nearest.size else 1.0, 1e-12)
+
+
+def _span(desc: torch.Tensor, members: list[int]) -> float:
+    """The largest distance between two of ``members`` (rows of ``desc``), per descriptor value."""
+    import torch
+
+    if len(members) < 2:
+        return 0.0
+    rows = desc[members]
+    return float(torch.cdist(rows, rows).max()) / float(np.sqrt(desc.shape[1]))
+
+
 class _Groups:
     """Union-find over image indices."""
 
@@ -208,7 +283,7 @@ def find_duplicates(
         else:
             first[digest] = i
 
-    relative = np.zeros((0, 0))
+    desc = typical = None
     checked = train_features is not None and grid is not None and n_train >= 2
     if checked:
         import torch
@@ -218,19 +293,15 @@ def find_duplicates(
         if test_features is not None and len(test):
             parts.append(descriptors(test_features, grid))
         desc = torch.cat(parts)
-        dist = torch.cdist(desc, desc).numpy() / np.sqrt(desc.shape[1])
-        within = dist[:n_train, :n_train].copy()
-        roots = np.asarray([exact.find(i) for i in range(n_train)])
-        # Exact copies must not make the typical neighbour distance zero: measure it between distinct images.
-        within[roots[:, None] == roots[None, :]] = np.inf
-        nearest = within.min(axis=1)
-        nearest = nearest[np.isfinite(nearest)]
-        typical = float(np.median(nearest)) if nearest.size else 1.0
-        relative = dist / max(typical, 1e-12)
-        rows, cols = np.nonzero(np.triu(relative <= near_ratio, k=1))
-        for a, b in zip(rows.tolist(), cols.tolist(), strict=True):
-            if a < n_train:  # a < b: pairs of two test images are not leakage
-                groups.join(a, b)
+        roots = np.asarray([exact.find(i) for i in range(desc.shape[0])])
+        neighbours = _candidate_neighbours(desc, _NEIGHBOURS)
+        dist = _pair_distances(desc, neighbours)
+        typical = _typical_distance(desc, neighbours, dist, roots, n_train)
+        rows = np.repeat(np.arange(desc.shape[0]), neighbours.shape[1])
+        cols = neighbours.reshape(-1)
+        near = (dist.reshape(-1) / typical <= near_ratio) & (rows != cols) & (np.minimum(rows, cols) < n_train)
+        for a, b in zip(rows[near].tolist(), cols[near].tolist(), strict=True):
+            groups.join(a, b)  # pairs of two test images are not leakage: one of the two is a training image
 
     members: dict[int, list[int]] = {}
     for i in range(len(names)):
@@ -240,8 +311,7 @@ def find_duplicates(
         if len(idx) < 2 or not any(i < n_train for i in idx):
             continue
         kind = "exact" if len({exact.find(i) for i in idx}) == 1 else "near"
-        with_features = [i for i in idx if i < relative.shape[0]]
-        span = float(relative[np.ix_(with_features, with_features)].max()) if kind == "near" else 0.0
+        span = _span(desc, [i for i in idx if i < desc.shape[0]]) / typical if kind == "near" else 0.0
         found.append(
             DuplicateGroup(
                 kind=kind,
