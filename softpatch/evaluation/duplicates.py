@@ -38,6 +38,7 @@ __all__ = ["DEFAULT_NEAR_RATIO", "DuplicateGroup", "DuplicateReport", "find_dupl
 DEFAULT_NEAR_RATIO = 0.1
 _BLOCKS = 7  # descriptor grid: at most 7 x 7 pooled blocks of patch features
 _STORE_IMAGES_PER_READ = 64  # images read from a feature store at once (about 200 MB at 224 px)
+_HASH_CHUNK = 64  # images hashed between two progress reports
 # Near copies are looked for among each image's nearest images by a random projection of the descriptors (cheap
 # at any N), then every such pair is measured on the full descriptors: no N x N distance matrix.
 _NEIGHBOURS = 16  # candidates per image
@@ -130,6 +131,25 @@ def pixel_hash(source: str | os.PathLike) -> str:
     digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
     digest.update(np.asarray(image, dtype=np.uint8).tobytes())
     return digest.hexdigest()
+
+
+def _hash_or_none(name: str) -> str | None:
+    try:
+        return pixel_hash(name)
+    except ImageLoadError:
+        return None
+
+
+def _pixel_hashes(names: list[str], progress: ProgressCallback | None) -> list[str | None]:
+    """``pixel_hash`` of each image (None: unreadable), decoded in the job's decoding threads."""
+    from softpatch.runtime.threads import decode_pool, decode_workers
+
+    digests: list[str | None] = []
+    with decode_pool(decode_workers()) as pool:
+        for start in range(0, len(names), _HASH_CHUNK):
+            report(progress, start / max(len(names), 1), f"duplicates: hashing {start}/{len(names)} images")
+            digests.extend(pool.map(_hash_or_none, names[start : start + _HASH_CHUNK]))
+    return digests
 
 
 def descriptors(features: torch.Tensor | FeatureStore, grid: tuple[int, int]) -> torch.Tensor:
@@ -269,12 +289,8 @@ def find_duplicates(
     exact = _Groups(len(names))
     first: dict[str, int] = {}
     unreadable: list[str] = []
-    for i, name in enumerate(names):
-        if i % 16 == 0:
-            report(progress, i / max(len(names), 1), f"duplicates: hashing {i}/{len(names)} images")
-        try:
-            digest = pixel_hash(name)
-        except ImageLoadError:
+    for i, (name, digest) in enumerate(zip(names, _pixel_hashes(names, progress), strict=True)):
+        if digest is None:
             unreadable.append(name)
             continue
         if digest in first:

@@ -41,7 +41,7 @@ class ThreadLimits:
 
     torch: int  # torch intra-op threads (OpenMP and MKL)
     faiss: int | None  # faiss's OpenMP threads; None when faiss cannot be imported
-    decode: int  # image-decoding threads of ``_load_batches``
+    decode: int  # image-decoding threads (``_load_batches``, the duplicate check's pixel hashes)
 
 
 def cpu_count() -> int:
