@@ -168,9 +168,11 @@ def descriptors(features: torch.Tensor | FeatureStore, grid: tuple[int, int]) ->
     if h * w != p:
         raise SoftPatchError(f"features of {p} positions do not fit the grid {h}x{w}")
     if isinstance(features, FeatureStore):
-        step = _STORE_IMAGES_PER_READ
-        parts = [descriptors(features.read_images(a, min(a + step, n)), grid) for a in range(0, n, step)]
-        return torch.cat(parts) if parts else torch.empty(0, d * min(h, _BLOCKS) * min(w, _BLOCKS))
+        out = torch.empty(n, d * min(h, _BLOCKS) * min(w, _BLOCKS))  # filled in place: no second copy
+        for a in range(0, n, _STORE_IMAGES_PER_READ):
+            b = min(a + _STORE_IMAGES_PER_READ, n)
+            out[a:b] = descriptors(features.read_images(a, b), grid)
+        return out
     x = features.reshape(n, h, w, d).permute(0, 3, 1, 2).float()
     return torch.nn.functional.adaptive_avg_pool2d(x, (min(h, _BLOCKS), min(w, _BLOCKS))).reshape(n, -1)
 
@@ -308,7 +310,7 @@ def find_duplicates(
         parts = [descriptors(train_features, grid)]
         if test_features is not None and len(test):
             parts.append(descriptors(test_features, grid))
-        desc = torch.cat(parts)
+        desc = torch.cat(parts) if len(parts) > 1 else parts[0]
         roots = np.asarray([exact.find(i) for i in range(desc.shape[0])])
         neighbours = _candidate_neighbours(desc, _NEIGHBOURS)
         dist = _pair_distances(desc, neighbours)
