@@ -32,12 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", default="256,128,64", help="group sizes, comma-separated")
     args = parser.parse_args(argv)
 
-    import numpy as np
     import torch
     from PIL import Image
 
     from softpatch.config import SoftPatchConfig
-    from softpatch.evaluation.metrics import image_auroc, pixel_auroc
     from softpatch.io.feature_store import FeatureStore
     from softpatch.method import discriminators
     from softpatch.method.model import Embeddings, SoftPatch
@@ -61,11 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         model.fit_embeddings(Embeddings(store, list(job["paths"]), sizes, config.feature_key()))
         if test is None:
             test, labels, masks = scale._test_set(model)
-        result = model.score(test, with_maps=True)
+        accuracy = scale._auroc_pair(model, job["labels"], test, labels, masks)  # what scale.py prints
         print(
-            f"| {group} | {image_auroc(np.asarray(job['labels']), model.suspicion_):.4f} "
-            f"| {image_auroc(np.asarray(labels), result.image_scores):.4f} "
-            f"| {pixel_auroc(masks, result.anomaly_maps):.4f} | {time.perf_counter() - started:.0f} |",
+            f"| {group} | {accuracy['vetting_auroc']:.4f} | {accuracy['image_auroc']:.4f} "
+            f"| {accuracy['pixel_auroc']:.4f} | {time.perf_counter() - started:.0f} |",
             flush=True,
         )
     return 0
