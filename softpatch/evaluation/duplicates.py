@@ -27,6 +27,7 @@ import numpy as np
 
 from softpatch.errors import ImageLoadError, SoftPatchError
 from softpatch.runtime.progress import ProgressCallback, report
+from softpatch.runtime.read_ahead import ReadAhead
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +38,7 @@ __all__ = ["DEFAULT_NEAR_RATIO", "DuplicateGroup", "DuplicateReport", "find_dupl
 
 DEFAULT_NEAR_RATIO = 0.1
 _BLOCKS = 7  # descriptor grid: at most 7 x 7 pooled blocks of patch features
-_STORE_IMAGES_PER_READ = 64  # images read from a feature store at once (about 200 MB at 224 px)
+_STORE_IMAGES_PER_READ = 32  # images read from a feature store at once (about 100 MB at 224 px; two are held)
 _HASH_CHUNK = 64  # images hashed between two progress reports
 # Near copies are looked for among each image's nearest images by a random projection of the descriptors (cheap
 # at any N), then every such pair is measured on the full descriptors: no N x N distance matrix.
@@ -169,9 +170,10 @@ def descriptors(features: torch.Tensor | FeatureStore, grid: tuple[int, int]) ->
         raise SoftPatchError(f"features of {p} positions do not fit the grid {h}x{w}")
     if isinstance(features, FeatureStore):
         out = torch.empty(n, d * min(h, _BLOCKS) * min(w, _BLOCKS))  # filled in place: no second copy
-        for a in range(0, n, _STORE_IMAGES_PER_READ):
-            b = min(a + _STORE_IMAGES_PER_READ, n)
-            out[a:b] = descriptors(features.read_images(a, b), grid)
+        with ReadAhead(features.read_images, n) as read:  # the disk reads the next images meanwhile
+            for a in range(0, n, _STORE_IMAGES_PER_READ):
+                b = min(a + _STORE_IMAGES_PER_READ, n)
+                out[a:b] = descriptors(read(a, b), grid)
         return out
     x = features.reshape(n, h, w, d).permute(0, 3, 1, 2).float()
     return torch.nn.functional.adaptive_avg_pool2d(x, (min(h, _BLOCKS), min(w, _BLOCKS))).reshape(n, -1)

@@ -8,12 +8,14 @@ likely noise. Discriminators are pure functions over a chunk of positions, looke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -24,6 +26,7 @@ from softpatch.config import DEFAULTS
 from softpatch.io.feature_store import DiskArray
 from softpatch.runtime.chunking import run_in_chunks
 from softpatch.runtime.progress import ProgressCallback, report
+from softpatch.runtime.read_ahead import ReadAhead
 
 # Neighbours kept per patch in the cache: LOF-k up to this re-tunes without touching features.
 NEIGHBOUR_CACHE_K = 32
@@ -63,6 +66,17 @@ def position_block(features: FeatureSource, start: int, stop: int) -> torch.Tens
     if isinstance(features, torch.Tensor):
         return features[:, start:stop].transpose(0, 1).float()
     return features.read_positions(start, stop)
+
+
+@contextlib.contextmanager
+def position_reader(features: FeatureSource, positions: int) -> Iterator[Callable[[int, int], torch.Tensor]]:
+    """``position_block`` of ``features`` as a function of ``(start, stop)``. From a store, the chunk after each
+    one asked for is read in the background (``ReadAhead``): two chunks of positions are held at a time."""
+    if isinstance(features, torch.Tensor):
+        yield partial(position_block, features)
+        return
+    with ReadAhead(partial(position_block, features), positions) as read:
+        yield read
 
 
 def reference_images(n_images: int, reference_size: int, seed: int) -> np.ndarray | None:
@@ -117,11 +131,13 @@ def image_descriptors(
     projection = torch.randn(d, DESCRIPTOR_DIM, generator=generator) / math.sqrt(DESCRIPTOR_DIM)
     per_cell = torch.bincount(cell_of, minlength=n_cells).float()
     pooled = torch.zeros(n_cells, n, DESCRIPTOR_DIM)
-    step = max(1, budget_bytes // max(1, n * d * 8))
-    for start in range(0, p, step):
-        stop = min(p, start + step)
-        pooled.index_add_(0, cell_of[start:stop], position_block(features, start, stop) @ projection)
-        report(progress, stop / p, f"discriminator: grouping images by look, {stop}/{p} positions read")
+    # Per position: the block read, the one read ahead, and room for the product.
+    step = max(1, budget_bytes // max(1, n * d * 12))
+    with position_reader(features, p) as read:
+        for start in range(0, p, step):
+            stop = min(p, start + step)
+            pooled.index_add_(0, cell_of[start:stop], read(start, stop) @ projection)
+            report(progress, stop / p, f"discriminator: grouping images by look, {stop}/{p} positions read")
     return (pooled / per_cell[:, None, None]).transpose(0, 1).reshape(n, -1).contiguous()
 
 
@@ -418,10 +434,11 @@ def effective_lof_k(lof_k: int, n_images: int) -> int:
     return k
 
 
-def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features: bool) -> int:
+def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features: bool, read_ahead: bool) -> int:
     """Bytes one position of neighbour or discriminator work takes: ``n_images`` patches against
-    ``n_compared`` (all images, or the reference sample)."""
-    per_position = n_images * n_compared * 8 + (n_images * dim * 4 if with_features else 0)
+    ``n_compared`` (all images, or the reference sample). ``read_ahead``: the features come from a store,
+    whose next chunk is held beside the current one (``position_reader``)."""
+    per_position = n_images * n_compared * 8 + (n_images * dim * 4 * (2 if read_ahead else 1) if with_features else 0)
     if with_features:
         per_position += min(n_compared, dim) ** 2 * 16  # Gram/covariance and eigenvectors in float64
         if n_compared < n_images:  # the reference Gaussian: float64 copies and coordinates of every image
@@ -432,9 +449,9 @@ def position_work_bytes(n_images: int, n_compared: int, dim: int, with_features:
 
 
 def _positions_per_chunk(
-    n_images: int, dim: int, budget_bytes: int, with_features: bool, n_compared: int | None = None
+    n_images: int, dim: int, budget_bytes: int, with_features: bool, read_ahead: bool, n_compared: int | None = None
 ) -> int:
-    per_position = position_work_bytes(n_images, n_compared or n_images, dim, with_features)
+    per_position = position_work_bytes(n_images, n_compared or n_images, dim, with_features, read_ahead)
     return max(1, budget_bytes // max(per_position, 1))
 
 
@@ -487,7 +504,8 @@ def compute_neighbours(
     m = n if plan is None else len(plan.candidates[0])
     k = clamp_lof_k(k, m)
     dist_out, index_out = neighbour_cache_arrays(p, n, k, plan, directory)
-    step = _positions_per_chunk(n, d, budget_bytes, with_features=True, n_compared=m)
+    from_store = not isinstance(features, torch.Tensor)
+    step = _positions_per_chunk(n, d, budget_bytes, with_features=True, read_ahead=from_store, n_compared=m)
     groups = (
         []
         if plan is None
@@ -495,7 +513,7 @@ def compute_neighbours(
     )
 
     def work(start: int, stop: int, device: torch.device) -> None:
-        x = position_block(features, start, stop).to(device, non_blocking=True).contiguous()  # (Pc, N, D)
+        x = read(start, stop).to(device, non_blocking=True).contiguous()  # (Pc, N, D)
         # Translate each position so that one of its points is the origin: distances are unchanged, but the
         # expanded form |a|^2+|b|^2-2ab no longer cancels a large common component (float32 precision).
         # Elementwise, so the result does not depend on how positions are chunked (a mean would).
@@ -511,10 +529,12 @@ def compute_neighbours(
             indices = torch.empty(stop - start, n, k, dtype=torch.int64, device=device)
             for members, candidates in groups:
                 g, c = members.to(device), candidates.to(device)
+                # |c|^2 - 2 g.c ranks a member's candidates as the distance does (|g|^2 is the same along a row):
+                # |g|^2 and the square root are applied to the k chosen only, not to all G x M.
                 dist = torch.baddbmm(squared_norm[:, c].unsqueeze(1), x[:, g], x[:, c].transpose(1, 2), alpha=-2.0)
-                dist = dist.add_(squared_norm[:, g].unsqueeze(2)).clamp_min_(0).sqrt_()  # (Pc, G, M)
                 dist.masked_fill_(g.unsqueeze(1) == c.unsqueeze(0), math.inf)  # not its own neighbour
-                values[:, g], local = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
+                nearest, local = torch.topk(dist, k, dim=-1, largest=False, sorted=True)  # (Pc, G, k)
+                values[:, g] = nearest.add_(squared_norm[:, g].unsqueeze(2)).clamp_min_(0).sqrt_()
                 indices[:, g] = c[local]
         values, indices = values.cpu(), indices.to(torch.int32).cpu()
         if isinstance(dist_out, torch.Tensor):
@@ -526,7 +546,8 @@ def compute_neighbours(
         report(progress, stop / p, f"discriminator: neighbours at {stop}/{p} positions")
 
     report(progress, 0.0, f"discriminator: neighbours at 0/{p} positions")  # the bar shows before the first chunk
-    run_in_chunks(p, step, device, work)
+    with position_reader(features, p) as read:
+        run_in_chunks(p, step, device, work)
     return NeighbourCache(
         dist_out, index_out, None if reference is None else np.asarray(reference, dtype=np.int64), plan
     )
@@ -557,14 +578,15 @@ def score_patches(
     dim = features.shape[-1] if features is not None else 1
     reference = neighbours.reference
     m = n if reference is None else len(reference)
-    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features, n_compared=m)
+    from_store = use_features and not isinstance(features, torch.Tensor)
+    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features, read_ahead=from_store, n_compared=m)
     out = torch.empty(n, p, dtype=torch.float32)
     ref = None if reference is None else torch.from_numpy(reference)
 
     def work(start: int, stop: int, device: torch.device) -> None:
         knn_dist, knn_index = neighbours.positions(start, stop)
         chunk = PositionChunk(
-            features=position_block(features, start, stop).to(device) if use_features else None,
+            features=read(start, stop).to(device) if use_features else None,
             knn_dist=knn_dist.to(device),
             knn_index=knn_index.to(device),
             reference=None if ref is None else ref.to(device),
@@ -572,5 +594,9 @@ def score_patches(
         out[:, start:stop] = discriminator.score(chunk, params).transpose(0, 1).float().cpu()
         report(progress, stop / p, f"discriminator: {name} at {stop}/{p} positions")
 
-    run_in_chunks(p, step, device, work)
+    if not use_features:
+        run_in_chunks(p, step, device, work)
+    else:
+        with position_reader(features, p) as read:
+            run_in_chunks(p, step, device, work)
     return out

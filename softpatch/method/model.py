@@ -53,6 +53,7 @@ from softpatch.method.memory_bank import MemoryBank
 from softpatch.runtime.chunking import run_in_chunks
 from softpatch.runtime.device import default_batch_size, resolve_device
 from softpatch.runtime.progress import ProgressCallback, report
+from softpatch.runtime.read_ahead import ReadAhead
 from softpatch.runtime.resources import (
     MemoryEstimate,
     available_memory,
@@ -63,6 +64,7 @@ from softpatch.runtime.resources import (
     work_budget,
 )
 from softpatch.runtime.threads import decode_pool, decode_workers
+from softpatch.runtime.write_behind import STORE_WRITES_PENDING, WriteBehind
 
 if TYPE_CHECKING:
     from softpatch.runtime.distributed import RayCluster
@@ -80,8 +82,8 @@ _MAP_PIXELS_PER_STEP = 32 * 224 * 224
 # Element type of the fit's feature store: float16 halves disk and reads and leaves the results unchanged
 # within the tolerance tests/test_feature_store.py and benchmarks/scale.py measure on real images.
 STORE_DTYPE = "float16"
-# Patches per block when the coreset's projection is computed from a store.
-_PROJECTION_ROWS_PER_STEP = 65536
+# Patches per block when the coreset's projection is computed from a store (two blocks are held: one read ahead).
+_PROJECTION_ROWS_PER_STEP = 32768
 
 
 @dataclass(frozen=True)
@@ -257,9 +259,10 @@ class SoftPatch:
             )
             store.write_images(0, first)
             if cluster is None:
-                for features, batch_sizes in batches:
-                    store.write_images(len(sizes), features)
-                    sizes.extend(batch_sizes)
+                with WriteBehind(store.write_images, STORE_WRITES_PENDING) as write:
+                    for features, batch_sizes in batches:
+                        write(len(sizes), features)
+                        sizes.extend(batch_sizes)
             else:  # the rest on the cluster, into the same store: rows identical to the local path's
                 batches.close()
                 batch_size = self.config.batch_size or default_batch_size(self.device_)
@@ -459,10 +462,11 @@ class SoftPatch:
         names = [_name_of(img, start + i) for i, img in enumerate(images)]
         sizes: list[tuple[int, int]] = []
         done = 0
-        for features, batch_sizes in self._feature_batches(images, progress):
-            store.write_images(start + done, features)
-            sizes.extend(batch_sizes)
-            done += len(features)
+        with WriteBehind(store.write_images, STORE_WRITES_PENDING) as write:
+            for features, batch_sizes in self._feature_batches(images, progress):
+                write(start + done, features)
+                sizes.extend(batch_sizes)
+                done += len(features)
         return names, sizes
 
     def _feature_batches(
@@ -879,10 +883,11 @@ def _project(features: FeatureSource, dim: int, seed: int) -> np.ndarray | DiskA
     out = DiskArray.create(features.array_path(f"projection_{dim}_{seed}"), (n * p, out_dim), np.float32)
     matrix = projection_matrix(d, dim, seed) if dim < d else None
     step = max(1, _PROJECTION_ROWS_PER_STEP // p)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = features.read_images(start, stop).reshape(-1, d)
-        out.write(start * p, (block @ matrix if matrix is not None else block).numpy())
+    with ReadAhead(features.read_images, n) as read:
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            block = read(start, stop).reshape(-1, d)
+            out.write(start * p, (block @ matrix if matrix is not None else block).numpy())
     return out
 
 

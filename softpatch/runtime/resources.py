@@ -16,6 +16,7 @@ from softpatch.method.coreset import BANK_VALUE_BYTES, plan_coreset
 from softpatch.method.discriminators import neighbour_cache_k, position_work_bytes, reference_images
 from softpatch.method.memory_bank import search_memory_bytes
 from softpatch.runtime.device import default_batch_size
+from softpatch.runtime.write_behind import STORE_WRITES_PENDING
 
 # Share of free memory one chunk of discriminator work may use.
 _CHUNK_SHARE = 0.15
@@ -68,8 +69,11 @@ def estimate_fit_memory(
     k = neighbour_cache_k(config.lof_k, compared)
     if streaming:
         batch = (config.batch_size or 32) * p * config.feature_dim * 4
-        features_bytes = batch + n_images * config.feature_dim * 4  # a batch, and one position read back
-        neighbours_bytes = position_work_bytes(n_images, compared, config.feature_dim, with_features=True)
+        # The batch computed, those waiting for the store, and one position read back.
+        features_bytes = batch * (1 + STORE_WRITES_PENDING) + n_images * config.feature_dim * 4
+        neighbours_bytes = position_work_bytes(
+            n_images, compared, config.feature_dim, with_features=True, read_ahead=True
+        )
     else:
         features_bytes = patches * config.feature_dim * 4
         neighbours_bytes = patches * k * 8
