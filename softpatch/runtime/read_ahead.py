@@ -31,8 +31,8 @@ class ReadAhead(Generic[Block]):
         if ahead is not None and ahead[:2] == (start, stop):
             block = ahead[2].result()
         else:
-            if ahead is not None:
-                ahead[2].cancel()
+            if ahead is not None and not ahead[2].cancel():
+                ahead[2].exception()  # let it finish and drop it: never two chunks read ahead at once
             block = self.read(start, stop)
         if stop < self.total:
             following = (stop, min(self.total, stop + (stop - start)))
