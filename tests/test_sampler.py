@@ -38,6 +38,20 @@ def test_greedy_equals_reference(m: int, d: int, n_select: int, pool_size: int, 
     assert fast.dtype == np.int64 and fast[0] == start
 
 
+@pytest.mark.parametrize("pool_size", [16, 2048])
+def test_greedy_equals_reference_when_each_round_updates_the_distances_in_many_row_blocks(
+    monkeypatch: pytest.MonkeyPatch, pool_size: int
+) -> None:
+    from softpatch.method import coreset
+
+    # 256 bytes: 64 distances per block, so a round of B centres updates the 700 rows in blocks of 64 // B rows.
+    monkeypatch.setattr(coreset, "_UPDATE_BLOCK_BYTES", 256)
+    points = _continuous(700, 6, seed=5)
+    np.testing.assert_array_equal(
+        greedy_coreset(points, 90, 3, pool_size=pool_size), greedy_coreset_reference(points, 90, 3)
+    )
+
+
 def test_greedy_with_duplicates_returns_distinct_indices_covering_every_distinct_point() -> None:
     distinct = _continuous(5, 4, seed=1) * 10
     points = np.concatenate([np.repeat(distinct[:1], 60, axis=0), distinct[1:]])  # 60 copies + 4 others
