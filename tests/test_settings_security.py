@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import http.server
 import io
+import signal
 import subprocess
 import sys
 import threading
@@ -288,7 +289,15 @@ def test_ctrl_c_during_start_up_imports_is_one_line() -> None:
         "from softpatch.cli import main\n"
         "sys.exit(main(['vet', 'some_folder']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # Started as from a terminal: SIGINT at its default. A suite run as a background job (`cmd &` in a script)
+    # inherits SIGINT ignored, and Python then never turns the signal into KeyboardInterrupt.
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert done.returncode == 130, done.stderr
     assert done.stderr == "softpatch: interrupted\n"
 
