@@ -68,11 +68,16 @@ def position_block(features: FeatureSource, start: int, stop: int) -> torch.Tens
     return features.read_positions(start, stop)
 
 
+def reads_ahead(features: FeatureSource | None) -> bool:
+    """Whether ``position_reader`` holds a second chunk of ``features`` (read ahead): for a store, not a tensor."""
+    return features is not None and not isinstance(features, torch.Tensor)
+
+
 @contextlib.contextmanager
 def position_reader(features: FeatureSource, positions: int) -> Iterator[Callable[[int, int], torch.Tensor]]:
-    """``position_block`` of ``features`` as a function of ``(start, stop)``. From a store, the chunk after each
-    one asked for is read in the background (``ReadAhead``): two chunks of positions are held at a time."""
-    if isinstance(features, torch.Tensor):
+    """``position_block`` of ``features`` as a function of ``(start, stop)``. From a store (``reads_ahead``), the
+    chunk after each one asked for is read in the background (``ReadAhead``): two chunks are held at a time."""
+    if not reads_ahead(features):
         yield partial(position_block, features)
         return
     with ReadAhead(partial(position_block, features), positions) as read:
@@ -504,8 +509,7 @@ def compute_neighbours(
     m = n if plan is None else len(plan.candidates[0])
     k = clamp_lof_k(k, m)
     dist_out, index_out = neighbour_cache_arrays(p, n, k, plan, directory)
-    from_store = not isinstance(features, torch.Tensor)
-    step = _positions_per_chunk(n, d, budget_bytes, with_features=True, read_ahead=from_store, n_compared=m)
+    step = _positions_per_chunk(n, d, budget_bytes, with_features=True, read_ahead=reads_ahead(features), n_compared=m)
     groups = (
         []
         if plan is None
@@ -578,8 +582,8 @@ def score_patches(
     dim = features.shape[-1] if features is not None else 1
     reference = neighbours.reference
     m = n if reference is None else len(reference)
-    from_store = use_features and not isinstance(features, torch.Tensor)
-    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features, read_ahead=from_store, n_compared=m)
+    read_ahead = use_features and reads_ahead(features)
+    step = _positions_per_chunk(n, dim, budget_bytes, with_features=use_features, read_ahead=read_ahead, n_compared=m)
     out = torch.empty(n, p, dtype=torch.float32)
     ref = None if reference is None else torch.from_numpy(reference)
 
